@@ -1,0 +1,200 @@
+"""Send the mails waiting in the `queue` table.
+
+    python consumer.py [--config config.json] [--drain]
+
+How it works; the whole pattern is in this file:
+
+1. LISTEN on the channel `mailqueue_queue`, on a connection of its own. The
+   schema's trigger rings it whenever rows enter `queue`. A notification is only
+   a doorbell: start-up, every notification and every POLL_INTERVAL timeout run
+   the same drain(), so a lost notification delays a mail, never strands it.
+2. drain() claims a batch of queue rows with FOR UPDATE SKIP LOCKED
+   (sql/queries.sql, claim_batch): consumers never wait for each other and never
+   take the same row. The claim DELETEs the rows in a transaction that stays
+   open while the batch is sent, so the row locks die with this process.
+3. Each mail's outcome is committed at once on a second connection, guarded by
+   the job's status: completed, failed (retried later), or dead (given up).
+4. The claim is committed last; the queue rows are then gone for good.
+
+Delivery guarantee: at least once. A mail is sent twice only if the consumer
+sending it, or its database connection, died after the SMTP server accepted it
+and before step 3 committed: at most one duplicate per mail in flight, which is
+one per killed consumer. Rows of the batch not yet sent go back to the queue at
+once when the claiming transaction dies; jobs already recorded are never resent,
+because a job is only sent while its status is 'queued'.
+"""
+
+import argparse
+import collections
+import logging
+import random
+
+from mailqueue import cli, db, doorbell, mail
+
+log = logging.getLogger("consumer")
+
+POLL_INTERVAL = 2.0  # seconds: the longest a consumer waits without looking at the queue
+QUEUE_CHANNEL = "mailqueue_queue"
+MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
+
+Job = collections.namedtuple(
+    "Job", "queue_id job_id status email subject content_message attempts created_at")
+
+
+class Consumer:
+    def __init__(self, config, stop):
+        self.config = config
+        self.stop = stop
+        self.composer = mail.Composer(config.smtp)
+        self.sender = mail.Sender(config.smtp)
+        self.listen_conn = self.claim_conn = self.record_conn = None
+
+    def run(self, drain_only=False):
+        """Serve until stopped; with drain_only, until the queue table is empty."""
+        try:
+            doorbell.run_until_stopped(lambda: self.serve(drain_only), self.stop, "consumer")
+        finally:
+            self.sender.close()
+
+    def serve(self, drain_only):
+        try:
+            self.open_connections()
+            for _ in doorbell.wakeups(self.listen_conn, QUEUE_CHANNEL, POLL_INTERVAL, self.stop):
+                self.drain()
+                if drain_only and not self.stop.requested and self.queue_is_empty():
+                    return True
+            return True  # stop requested
+        finally:
+            self.close_connections()
+
+    def drain(self):
+        """Claim and send batches until the queue has nothing left for us."""
+        while not self.stop.requested:
+            self.sender.connect()  # no claim while the SMTP server is unreachable
+            batch = self.claim_batch()
+            if not batch:
+                self.claim_conn.rollback()
+                return
+            self.send_batch(batch)
+
+    def claim_batch(self):
+        """Lock and delete up to batch_size queue rows (uncommitted: see step 2)."""
+        with self.claim_conn.cursor() as cur:
+            cur.execute(db.QUERIES["claim_batch"], {"limit": self.config.queue.batch_size})
+            return [Job(*row) for row in cur.fetchall()]
+
+    def send_batch(self, batch):
+        try:
+            for job in batch:
+                if self.stop.requested:
+                    break
+                self.process(job)
+            else:
+                self.claim_conn.commit()  # step 4: the batch's queue rows are gone
+                return
+            # Stopping: put the unsent rows back and tell the other consumers.
+            # (Rows of jobs already recorded come back too; as their status is
+            # no longer 'queued', whoever claims them drops them unsent.)
+            self.claim_conn.rollback()
+            self.record("ring_consumers")
+        except BaseException:
+            if not self.claim_conn.closed:
+                self.claim_conn.rollback()
+            raise
+
+    def process(self, job):
+        """Send one claimed job and record the outcome."""
+        if job.status != "queued":
+            # The queue row of a job that no longer exists, or of one already
+            # finished in a batch that was rolled back: there is nothing to send.
+            log.info("job %s: dropped its queue row (job is %s)", job.job_id,
+                     job.status or "missing")
+            return
+        try:
+            message = self.composer.build(job.job_id, job.email, job.subject,
+                                          job.content_message, job.created_at)
+        except mail.BadMail as exc:
+            self.record("mark_dead", job_id=job.job_id, error=str(exc), attempted=0)
+            log.warning("job %s: dead, bad input (see last_error)", job.job_id)
+            return
+        try:
+            self.sender.send(message)
+        except mail.SendError as exc:
+            self.record_failure(job, str(exc), exc.permanent, exc.summary)
+            return
+        except (mail.SmtpUnavailable, *db.CONNECTION_ERRORS):
+            raise
+        except Exception as exc:  # a poison job must not take the worker down
+            self.sender.close()
+            log.exception("job %s: unexpected error while sending", job.job_id)
+            self.record_failure(job, "unexpected error: %s: %s" % (type(exc).__name__, exc),
+                                permanent=False, summary=type(exc).__name__)
+            return
+        self.record("mark_sent", job_id=job.job_id)  # step 3
+        log.debug("job %s: sent", job.job_id)
+
+    def record_failure(self, job, error, permanent, summary):
+        attempts = job.attempts + 1
+        if permanent or attempts >= self.config.queue.max_attempts:
+            self.record("mark_dead", job_id=job.job_id, error=error[:MAX_ERROR_CHARS],
+                        attempted=1)
+            log.warning("job %s: dead after attempt %d (%s)", job.job_id, attempts, summary)
+        else:
+            delay = retry_delay(attempts, self.config.queue)
+            self.record("schedule_retry", job_id=job.job_id, error=error[:MAX_ERROR_CHARS],
+                        delay=delay)
+            log.warning("job %s: attempt %d failed (%s); retry in %.0f s",
+                        job.job_id, attempts, summary, delay)
+
+    def record(self, query, **params):
+        """Run one recording query on the autocommit connection: durable at once."""
+        with self.record_conn.cursor() as cur:
+            cur.execute(db.QUERIES[query], params)
+
+    def queue_is_empty(self):
+        with self.claim_conn.cursor() as cur:
+            cur.execute(db.QUERIES["queue_is_empty"])
+            empty = cur.fetchone()[0]
+        self.claim_conn.rollback()
+        return empty
+
+    def open_connections(self):
+        settings = self.config.database
+        self.listen_conn = db.connect(settings, "mailqueue consumer (listen)", autocommit=True)
+        self.claim_conn = db.connect(settings, "mailqueue consumer (claim)")
+        self.record_conn = db.connect(settings, "mailqueue consumer (record)", autocommit=True)
+
+    def close_connections(self):
+        for conn in (self.listen_conn, self.claim_conn, self.record_conn):
+            db.close_quietly(conn)
+        self.listen_conn = self.claim_conn = self.record_conn = None
+
+
+def retry_delay(attempts, queue_settings, rand=random.random):
+    """Seconds to wait after failed attempt number `attempts` (1, 2, ...):
+    retry_delay doubled for each earlier failure, up to max_retry_delay, plus up
+    to 25% jitter so that jobs failed together do not retry together."""
+    base = queue_settings.retry_delay * 2 ** min(attempts - 1, 32)
+    base = min(base, queue_settings.max_retry_delay)
+    return min(base * (1 + 0.25 * rand()), queue_settings.max_retry_delay)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Send the mails waiting in the queue table.")
+    cli.add_common_arguments(parser)
+    parser.add_argument("--drain", action="store_true",
+                        help="exit once the queue table is empty")
+    args = parser.parse_args(argv)
+    config = cli.start(args)
+    stop = doorbell.Stop()
+    stop.install()
+    cli.check_database(config)
+    cli.check_smtp(config)
+    log.info("consuming from %s (batch of %d)", db.where(config.database),
+             config.queue.batch_size)
+    Consumer(config, stop).run(drain_only=args.drain)
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

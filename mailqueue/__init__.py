@@ -1,0 +1,1 @@
+"""Shared code of consumer.py and producer.py: config, db, mail, addresses, doorbell."""

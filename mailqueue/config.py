@@ -1,0 +1,177 @@
+"""The configuration file (JSON) and the environment variables that override it.
+
+Every key but the database's has a default, so a minimal file works. Mistakes
+(a missing file, bad JSON, an unknown key, a wrong type) raise ConfigError with
+one line that names the file and the key.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from mailqueue import addresses
+
+# The seed's five connection keys, exactly; each may be overridden by a variable.
+DATABASE_ENV = {
+    "database": "MAILQUEUE_DB_NAME",
+    "user": "MAILQUEUE_DB_USER",
+    "password": "MAILQUEUE_DB_PASSWORD",
+    "host": "MAILQUEUE_DB_HOST",
+    "port": "MAILQUEUE_DB_PORT",
+}
+SMTP_ENV = {
+    "user": "MAILQUEUE_SMTP_USER",
+    "password": "MAILQUEUE_SMTP_PASSWORD",
+}
+SECURITY_MODES = ("none", "starttls", "ssl")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line for people."""
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "127.0.0.1"
+    port: int = 25
+    user: str = ""
+    password: str = ""
+    security: str = "none"           # none, starttls or ssl
+    ca_file: Optional[str] = None    # an extra CA to trust; certificates are always verified
+    timeout: float = 30.0            # seconds for connecting and for each SMTP reply
+    sender: str = "Mail Queue <noreply@example.com>"
+    subject: str = "Message from Mail Queue"
+
+    def __repr__(self):  # never show the password, even in a traceback
+        return "SmtpSettings(host=%r, port=%r, user=%r, security=%r)" % (
+            self.host, self.port, self.user, self.security)
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    max_attempts: int = 5         # sends tried before a job is dead
+    retry_delay: float = 60.0     # seconds before the first retry; doubles each time
+    max_retry_delay: float = 3600.0  # seconds: the longest wait between retries
+    batch_size: int = 20          # queue rows a consumer claims at once
+    producer_batch_size: int = 1000  # jobs the producer moves per transaction
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    database: dict   # keyword arguments for psycopg2.connect (the seed's five keys)
+    smtp: SmtpSettings
+    queue: QueueSettings
+
+    def __repr__(self):
+        return "Config(path=%r)" % self.path
+
+
+# key -> (type check, description) for the sections with defaults
+_SMTP_TYPES = {
+    "host": (str,), "port": (int,), "user": (str,), "password": (str,),
+    "security": (str,), "ca_file": (str, type(None)), "timeout": (int, float),
+    "sender": (str,), "subject": (str,),
+}
+_QUEUE_TYPES = {
+    "max_attempts": (int,), "retry_delay": (int, float), "max_retry_delay": (int, float),
+    "batch_size": (int,), "producer_batch_size": (int,),
+}
+_DATABASE_TYPES = {
+    "database": (str,), "user": (str,), "password": (str,), "host": (str,),
+    "port": (int, str),
+}
+
+
+def load(path, environ=None):
+    """Read the file at `path`, apply the environment, and check everything."""
+    environ = os.environ if environ is None else environ
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError("%s: no such file (copy config.example.json to %s and edit it)"
+                          % (path, path)) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError("%s: not valid JSON: %s" % (path, exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("%s: cannot read: %s" % (path, exc)) from None
+    return from_dict(raw, path, environ)
+
+
+def from_dict(raw, path="<config>", environ=None):
+    environ = {} if environ is None else environ
+    if not isinstance(raw, dict):
+        raise ConfigError("%s: the top level must be a JSON object" % path)
+    _no_unknown_keys(raw, ("database", "smtp", "queue"), path, "")
+
+    database = _section(raw, "database", _DATABASE_TYPES, path)
+    for key, var in DATABASE_ENV.items():
+        if environ.get(var):
+            database[key] = environ[var]
+    if "port" in database:
+        database["port"] = _port(database["port"], path, "database.port")
+
+    smtp_raw = _section(raw, "smtp", _SMTP_TYPES, path)
+    for key, var in SMTP_ENV.items():
+        if environ.get(var):
+            smtp_raw[key] = environ[var]
+    smtp = SmtpSettings(**smtp_raw)
+    if smtp.security not in SECURITY_MODES:
+        raise ConfigError("%s: smtp.security must be one of %s, not %r"
+                          % (path, ", ".join(SECURITY_MODES), smtp.security))
+    _port(smtp.port, path, "smtp.port")
+    if smtp.timeout <= 0:
+        raise ConfigError("%s: smtp.timeout must be a positive number of seconds" % path)
+    if smtp.ca_file is not None and not os.path.isfile(smtp.ca_file):
+        raise ConfigError("%s: smtp.ca_file %r is not a file" % (path, smtp.ca_file))
+    try:
+        addresses.parse_sender(smtp.sender)
+        addresses.check_header_text(smtp.subject, "smtp.subject")
+    except addresses.BadAddress as exc:
+        raise ConfigError("%s: smtp.sender: %s" % (path, exc)) from None
+    except addresses.BadHeader as exc:
+        raise ConfigError("%s: %s" % (path, exc)) from None
+
+    queue = QueueSettings(**_section(raw, "queue", _QUEUE_TYPES, path))
+    for key in ("max_attempts", "batch_size", "producer_batch_size"):
+        if getattr(queue, key) < 1:
+            raise ConfigError("%s: queue.%s must be at least 1" % (path, key))
+    if queue.retry_delay < 0 or queue.max_retry_delay < queue.retry_delay:
+        raise ConfigError("%s: queue.retry_delay must be >= 0 and <= queue.max_retry_delay"
+                          % path)
+    return Config(path=path, database=database, smtp=smtp, queue=queue)
+
+
+def _section(raw, name, types, path):
+    section = raw.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError("%s: %s must be a JSON object" % (path, name))
+    _no_unknown_keys(section, types, path, name + ".")
+    for key, value in section.items():
+        allowed = types[key]
+        # JSON true/false are ints to Python; never accept them as numbers
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            wanted = " or ".join("null" if t is type(None) else
+                                 {"str": "a string", "int": "a whole number",
+                                  "float": "a number"}[t.__name__] for t in allowed)
+            raise ConfigError("%s: %s%s must be %s" % (path, name + ".", key, wanted))
+    return dict(section)
+
+
+def _no_unknown_keys(section, known, path, prefix):
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ConfigError("%s: unknown key %s%s (known: %s)"
+                          % (path, prefix, unknown[0], ", ".join(sorted(known))))
+
+
+def _port(value, path, key):
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = -1
+    if not 0 < port < 65536:
+        raise ConfigError("%s: %s must be a port number, not %r" % (path, key, value))
+    return port

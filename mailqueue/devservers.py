@@ -1,0 +1,190 @@
+"""Throwaway servers for the demo, the tests and the benchmarks; never for production.
+
+ThrowawayPostgres runs the PostgreSQL binaries shipped in the `pgserver` wheel
+from PyPI in a temporary folder, so nothing has to be installed. PostgreSQL
+refuses to run as root: as root it runs inside an unprivileged user namespace
+(unshare), or failing that as the user `nobody`.
+
+SmtpSink is aiosmtpd on 127.0.0.1, keeping what it receives in memory and, if
+asked, in a Maildir; `behaviour` can make it refuse or fail mails.
+"""
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import psycopg2
+
+
+def free_port():
+    """A TCP port nobody listens on right now (aiosmtpd cannot take port 0 itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin_dir():
+    spec = importlib.util.find_spec("pgserver")  # not imported: only its binaries are used
+    if spec is None:
+        raise RuntimeError("the throwaway PostgreSQL needs the pgserver package "
+                           "(pip install -r requirements-dev.txt)")
+    return os.path.join(os.path.dirname(spec.origin), "pginstall", "bin")
+
+
+def _unprivileged_prefix(folder):
+    """The command prefix that runs PostgreSQL as a user it accepts."""
+    if os.geteuid() != 0:
+        return []
+    userns = ["unshare", "--user", "--map-user=65534", "--map-group=65534", "--"]
+    if shutil.which("unshare") and subprocess.run(
+            userns + ["true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+        return userns
+    # No user namespaces (e.g. inside Docker): run as nobody, who must own the folder
+    # and be able to read the binaries.
+    shutil.chown(folder, "nobody", "nogroup")
+    return ["runuser", "-u", "nobody", "--"]
+
+
+class ThrowawayPostgres:
+    def __init__(self, settings=("fsync=off", "synchronous_commit=off",
+                                 "full_page_writes=off", "max_connections=200")):
+        self.settings = settings
+        self.folder = None
+        self.port = None
+        self.prefix = []
+
+    def start(self):
+        bin_dir = _pg_bin_dir()
+        self.folder = tempfile.mkdtemp(prefix="mailqueue-pg-")
+        os.chmod(self.folder, 0o755)
+        self.prefix = _unprivileged_prefix(self.folder)
+        data = os.path.join(self.folder, "data")
+        self._run([os.path.join(bin_dir, "initdb"), "-D", data, "-U", "postgres",
+                   "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C.UTF-8"])
+        self.port = free_port()
+        options = " ".join(["-h 127.0.0.1", "-p %d" % self.port, "-k %s" % self.folder]
+                           + ["-c %s" % s for s in self.settings])
+        self._run([os.path.join(bin_dir, "pg_ctl"), "-D", data, "-o", options,
+                   "-l", os.path.join(self.folder, "postgres.log"), "-w", "start"])
+        return self
+
+    def stop(self):
+        if self.folder is None:
+            return
+        data = os.path.join(self.folder, "data")
+        subprocess.run(self.prefix + [os.path.join(_pg_bin_dir(), "pg_ctl"), "-D", data,
+                                      "-m", "immediate", "-w", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = None
+
+    def restart(self):
+        """Stop fast and start again on the same port (for fault tests)."""
+        data = os.path.join(self.folder, "data")
+        self._run([os.path.join(_pg_bin_dir(), "pg_ctl"), "-D", data, "-m", "fast",
+                   "-w", "restart"])
+
+    def dsn(self, database="postgres"):
+        return "host=127.0.0.1 port=%d user=postgres dbname=%s" % (self.port, database)
+
+    def settings_for(self, database):
+        """The configuration's `database` section for one database."""
+        return {"database": database, "user": "postgres", "password": "",
+                "host": "127.0.0.1", "port": self.port}
+
+    def _run(self, command):
+        result = subprocess.run(self.prefix + command, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, cwd=self.folder)
+        if result.returncode != 0:
+            raise RuntimeError("%s failed:\n%s" % (os.path.basename(command[0]),
+                                                   result.stdout.decode(errors="replace")))
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def apply_schema(dsn, path=None):
+    """Run sql/schema.sql as one script, as pgAdmin's Query Tool or psql would."""
+    path = path or os.path.join(os.path.dirname(os.path.dirname(__file__)), "sql", "schema.sql")
+    with open(path, encoding="utf-8") as f:
+        script = f.read()
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(script)
+    finally:
+        conn.close()
+
+
+class SmtpSink:
+    """A real SMTP server on 127.0.0.1 that records every mail it accepts.
+
+    behaviour(envelope) may return an SMTP reply such as "451 4.3.0 try later"
+    to refuse the mail at DATA; None accepts it.
+    """
+
+    def __init__(self, maildir=None, behaviour=None, **controller_options):
+        self.maildir = maildir
+        self.behaviour = behaviour
+        self.controller_options = controller_options
+        self.received = []       # (mail_from, [rcpt_tos], content bytes, arrival time)
+        self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        self.controller = None
+        self.port = None
+
+    def start(self):
+        from aiosmtpd.controller import Controller
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port,
+                                     **self.controller_options)
+        self.controller.start()
+        return self
+
+    def stop(self):
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    async def handle_DATA(self, server, session, envelope):
+        reply = self.behaviour(envelope) if self.behaviour else None
+        if reply:
+            return reply
+        with self.arrived:
+            self.received.append((envelope.mail_from, list(envelope.rcpt_tos),
+                                  envelope.content, time.time()))
+            self.arrived.notify_all()
+        if self.maildir:
+            self._store(envelope.content)
+        return "250 2.0.0 OK: queued"
+
+    def _store(self, content):
+        import mailbox
+        mailbox.Maildir(self.maildir, create=True).add(content)
+
+    def wait_for(self, count, timeout=60.0):
+        """Block until `count` mails have arrived; return them all."""
+        deadline = time.monotonic() + timeout
+        with self.arrived:
+            while len(self.received) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("%d mails arrived, %d expected"
+                                       % (len(self.received), count))
+                self.arrived.wait(remaining)
+            return list(self.received)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

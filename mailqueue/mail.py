@@ -1,0 +1,232 @@
+"""Building a job's mail, and sending it over one persistent SMTP connection.
+
+build_message() turns a job into the bytes of a text/plain UTF-8 mail. It writes
+the few headers itself, each value checked (mailqueue.addresses) and encoded by
+the stdlib's email.header / email.utils, which is several times cheaper than
+EmailMessage and leaves nothing to the header folding of this Python's `email`
+package. Sender.send() classifies every failure as transient (retry later) or
+permanent (give up), and never puts a password into an error.
+"""
+
+import base64
+import logging
+import re
+import smtplib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from email.header import Header
+from email.utils import formataddr, formatdate
+
+from mailqueue import addresses
+
+log = logging.getLogger(__name__)
+
+# A connection unused for this long is checked with NOOP before it is trusted
+# again: servers drop idle clients, and a send on a dead connection would be
+# counted against the job.
+IDLE_CHECK_AFTER = 10.0  # seconds
+
+_FORBIDDEN_IN_BODY = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+class BadMail(ValueError):
+    """The job's data cannot make a mail (bad address, header injection...)."""
+
+
+class SendError(Exception):
+    """A send failed. `permanent`: retrying cannot help (5xx, or an address the
+    server cannot take). `summary` is short and free of personal data (for logs);
+    str(self) is the full reason (for last_error)."""
+
+    def __init__(self, text, permanent, summary):
+        super().__init__(text)
+        self.permanent = permanent
+        self.summary = summary
+
+
+class SmtpUnavailable(Exception):
+    """Cannot connect, secure or log in to the SMTP server: no job is to blame."""
+
+
+@dataclass(frozen=True)
+class Mail:
+    job_id: int
+    sender: str          # envelope sender (ASCII)
+    recipient: str       # envelope recipient
+    smtputf8: bool       # the recipient needs SMTPUTF8
+    data: bytes          # the whole message, CRLF line ends
+
+
+class Composer:
+    """Everything about the mail that comes from the configuration, worked out once."""
+
+    def __init__(self, smtp_settings):
+        name, sender = addresses.parse_sender(smtp_settings.sender)
+        if sender.smtputf8:
+            raise addresses.BadAddress("the sender's address must be ASCII")
+        self.envelope_sender = sender.address
+        self.domain = sender.domain
+        from_header = formataddr((name, sender.address), charset="utf-8")
+        self.from_line = ("From: %s\r\n" % from_header).encode("ascii")
+        self.default_subject = smtp_settings.subject
+
+    def build(self, job_id, email, subject, body, created_at):
+        """The mail for one job, or BadMail naming what is wrong with it."""
+        try:
+            recipient = addresses.parse_recipient(email)
+            subject_text = self.default_subject if not subject else subject
+            addresses.check_header_text(subject_text, "subject")
+        except (addresses.BadAddress, addresses.BadHeader) as exc:
+            raise BadMail(str(exc)) from None
+        if body is None:
+            raise BadMail("content_message is NULL: nothing to send")
+        if not body.strip():
+            raise BadMail("content_message is empty: nothing to send")
+        if _FORBIDDEN_IN_BODY.search(body):
+            raise BadMail("content_message contains a NUL or other control character")
+
+        subject_header = Header(subject_text, "us-ascii" if subject_text.isascii() else "utf-8",
+                                header_name="Subject").encode(linesep="\r\n")
+        # Stable per job: a repeated send of the same job carries the same Message-ID.
+        message_id = "<%d.%d@%s>" % (job_id, int(created_at.timestamp() * 1e6), self.domain)
+        head = "".join((
+            "To: %s\r\n" % recipient.address,
+            "Subject: %s\r\n" % subject_header,
+            "Date: %s\r\n" % formatdate(usegmt=True),
+            "Message-ID: %s\r\n" % message_id,
+            "MIME-Version: 1.0\r\n",
+            'Content-Type: text/plain; charset="utf-8"\r\n',
+            "Content-Transfer-Encoding: base64\r\n\r\n",
+        ))
+        text = body.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+        encoded = base64.encodebytes(text.encode("utf-8")).replace(b"\n", b"\r\n")
+        return Mail(job_id, self.envelope_sender, recipient.address, recipient.smtputf8,
+                    self.from_line + head.encode("utf-8") + encoded)
+
+
+class Sender:
+    """One SMTP connection, opened on demand and kept open between mails."""
+
+    def __init__(self, smtp_settings):
+        self.settings = smtp_settings
+        self.connection = None
+        self.last_used = 0.0
+
+    def connect(self):
+        """Open, secure and log in if not connected; SmtpUnavailable otherwise."""
+        if self.connection is not None:
+            if time.monotonic() - self.last_used < IDLE_CHECK_AFTER or self._still_open():
+                return
+        s = self.settings
+        try:
+            if s.security == "ssl":
+                conn = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout,
+                                        context=_tls_context(s.ca_file))
+            else:
+                conn = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
+            try:
+                conn.ehlo()
+                if s.security == "starttls":
+                    # Never falls back to plain text: no STARTTLS means no mail.
+                    conn.starttls(context=_tls_context(s.ca_file))
+                    conn.ehlo()
+                if s.user:
+                    conn.login(s.user, s.password)
+            except BaseException:
+                _close_quietly(conn)
+                raise
+        except smtplib.SMTPAuthenticationError as exc:
+            raise SmtpUnavailable("SMTP login as %r refused: %s" % (s.user, _reply(exc))) from None
+        except smtplib.SMTPNotSupportedError as exc:
+            raise SmtpUnavailable("SMTP server %s:%s: %s" % (s.host, s.port, exc)) from None
+        except ssl.SSLError as exc:
+            raise SmtpUnavailable("TLS with SMTP server %s:%s failed: %s"
+                                  % (s.host, s.port, exc)) from None
+        except smtplib.SMTPResponseException as exc:
+            raise SmtpUnavailable("SMTP server %s:%s refused the session: %s"
+                                  % (s.host, s.port, _reply(exc))) from None
+        except (smtplib.SMTPException, OSError) as exc:
+            raise SmtpUnavailable("cannot reach SMTP server %s:%s: %s"
+                                  % (s.host, s.port, exc or type(exc).__name__)) from None
+        self.connection = conn
+        self.last_used = time.monotonic()
+
+    def send(self, mail):
+        """Hand one mail to the server; SendError if it was not accepted."""
+        self.connect()
+        options = []
+        if mail.smtputf8:
+            if not self.connection.has_extn("smtputf8"):
+                raise SendError("the recipient's address is not ASCII and the SMTP server "
+                                "does not offer SMTPUTF8", permanent=True,
+                                summary="no SMTPUTF8")
+            options.append("SMTPUTF8")
+        try:
+            refused = self.connection.sendmail(mail.sender, [mail.recipient], mail.data,
+                                               mail_options=options)
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, message = next(iter(exc.recipients.values()))
+            raise self._refused(code, message, "recipient refused") from None
+        except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+            raise self._refused(exc.smtp_code, exc.smtp_error, "mail refused") from None
+        except smtplib.SMTPServerDisconnected as exc:
+            self.close()
+            raise SendError("SMTP server closed the connection: %s" % (exc or "no reason given"),
+                            permanent=False, summary="connection lost") from None
+        except smtplib.SMTPResponseException as exc:
+            self.close()
+            raise self._refused(exc.smtp_code, exc.smtp_error, "SMTP error") from None
+        except (OSError, smtplib.SMTPException) as exc:  # timeouts, resets, protocol errors
+            self.close()
+            raise SendError("SMTP connection failed: %s" % (exc or type(exc).__name__),
+                            permanent=False, summary="connection failed") from None
+        if refused:  # only possible with several recipients; kept for safety
+            code, message = next(iter(refused.values()))
+            raise self._refused(code, message, "recipient refused")
+        self.last_used = time.monotonic()
+
+    def _refused(self, code, message, what):
+        """The server answered with an error: 5xx is permanent, anything else is not."""
+        if code == 421:  # the server is closing this connection
+            self.close()
+        text = "%s: %s" % (what, _reply_text(code, message))
+        return SendError(text, permanent=500 <= code < 600, summary="%s %d" % (what, code))
+
+    def close(self):
+        if self.connection is not None:
+            _close_quietly(self.connection)
+            self.connection = None
+
+    def _still_open(self):
+        try:
+            return self.connection.noop()[0] == 250
+        except (OSError, smtplib.SMTPException):
+            self.close()
+            return False
+
+
+def _reply(exc):
+    return _reply_text(exc.smtp_code, exc.smtp_error)
+
+
+def _reply_text(code, message):
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return "%s %s" % (code, " ".join(str(message).split()))
+
+
+def _tls_context(ca_file):
+    """Certificates and host names are always verified; ca_file adds a CA to trust."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def _close_quietly(conn):
+    try:
+        conn.quit()
+    except (OSError, smtplib.SMTPException, socket.timeout):
+        conn.close()

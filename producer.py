@@ -1,0 +1,93 @@
+"""Move ready jobs from the `jobs` table into the `queue` table.
+
+    python producer.py [--config config.json] [--once]
+
+A job is ready when it is 'available', or 'failed' and its retry time (run_at)
+has come. move_ready_jobs() queues it in one statement (sql/queries.sql,
+move_ready_jobs): the job becomes 'queued' with start_time set and a queue row
+appears, exactly once even with several producers, thanks to FOR UPDATE SKIP
+LOCKED. The queue's trigger then wakes the consumers.
+
+The producer LISTENs on `mailqueue_jobs`, rung by the schema's trigger when jobs
+are inserted (or put back to 'available'), and also sweeps every POLL_INTERVAL
+for retries that have come due. --once moves what is ready now and exits.
+"""
+
+import argparse
+import logging
+
+from mailqueue import cli, db, doorbell
+
+log = logging.getLogger("producer")
+
+POLL_INTERVAL = 1.0  # seconds: how late a retry may be queued after its run_at
+JOBS_CHANNEL = "mailqueue_jobs"
+
+
+def move_ready_jobs(conn, batch_size):
+    """Queue every job that is ready now, batch_size per transaction; return how many."""
+    total = 0
+    while True:
+        with conn.cursor() as cur:
+            cur.execute(db.QUERIES["move_ready_jobs"], {"limit": batch_size})
+            moved = cur.rowcount
+        conn.commit()
+        total += moved
+        if moved < batch_size:
+            return total
+
+
+class Producer:
+    def __init__(self, config, stop):
+        self.config = config
+        self.stop = stop
+
+    def run(self):
+        doorbell.run_until_stopped(self.serve, self.stop, "producer")
+
+    def serve(self):
+        listen_conn = conn = None
+        try:
+            listen_conn = db.connect(self.config.database, "mailqueue producer (listen)",
+                                     autocommit=True)
+            conn = db.connect(self.config.database, "mailqueue producer")
+            for _ in doorbell.wakeups(listen_conn, JOBS_CHANNEL, POLL_INTERVAL, self.stop):
+                moved = move_ready_jobs(conn, self.config.queue.producer_batch_size)
+                if moved:
+                    log.info("queued %d job(s)", moved)
+            return True  # stop requested
+        finally:
+            db.close_quietly(listen_conn)
+            db.close_quietly(conn)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Move ready jobs into the queue table.")
+    cli.add_common_arguments(parser)
+    parser.add_argument("--once", action="store_true",
+                        help="move what is ready now, then exit")
+    args = parser.parse_args(argv)
+    config = cli.start(args)
+    stop = doorbell.Stop()
+    stop.install()
+    cli.check_database(config)
+    if args.once:
+        conn = None
+        try:
+            conn = db.connect(config.database, "mailqueue producer")
+            moved = move_ready_jobs(conn, config.queue.producer_batch_size)
+        except db.DatabaseUnavailable as exc:
+            raise SystemExit("error: %s" % exc) from None
+        except db.CONNECTION_ERRORS as exc:
+            raise SystemExit("error: %s" % db.describe(exc, config.database)) from None
+        finally:
+            db.close_quietly(conn)
+        log.info("queued %d job(s)", moved)
+        return
+    log.info("producing into %s", db.where(config.database))
+    Producer(config, stop).run()
+    log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+-- =============================================================================
+-- Mail job queue on PostgreSQL: the schema.
+--
+-- Run it whole in pgAdmin4's Query Tool (open the file, Execute), or with
+--   psql -v ON_ERROR_STOP=1 -d mydb -f sql/schema.sql
+-- Plain SQL only, valid on PostgreSQL 9.5 and later. Running it again on a live
+-- database changes nothing and loses no data; running it on a database that has
+-- the seed's original `jobs` and `queue` tables upgrades them in place.
+-- =============================================================================
+
+
+-- =============================================================================
+-- Tables
+-- =============================================================================
+
+-- jobs: every mail ever asked for, finished ones included, for reports and review.
+-- The seed's columns come first, unchanged; the seed's example still works:
+--   INSERT INTO jobs(email, content_message) VALUES ('someone@example.com', 'test queue');
+CREATE TABLE IF NOT EXISTS jobs (
+  job_id SERIAL PRIMARY KEY,
+  status VARCHAR DEFAULT 'available',
+  start_time TIMESTAMP DEFAULT NULL,    -- when the job was (last) put into the queue
+  end_time TIMESTAMP DEFAULT NULL,      -- when the job was sent, or given up on
+  email VARCHAR,                        -- the recipient's address
+  content_message VARCHAR               -- the message body (plain text)
+);
+
+-- queue: the jobs waiting for a consumer. A row lives from the moment the producer
+-- queues a job until a consumer has recorded the job's outcome.
+CREATE TABLE IF NOT EXISTS queue (
+  queue_id SERIAL PRIMARY KEY,
+  job_id INTEGER
+);
+
+-- Columns a real mail queue needs beyond the seed's. Added one by one so that a
+-- database created from the seed's CREATE TABLE is upgraded in place.
+DO $$
+DECLARE
+  col RECORD;
+BEGIN
+  FOR col IN SELECT * FROM (VALUES
+    -- the subject line; NULL means the configured default subject
+    ('subject',    'VARCHAR'),
+    -- how many times a send was attempted
+    ('attempts',   'INTEGER NOT NULL DEFAULT 0'),
+    -- why the last attempt failed, readable by people (NULL after a success)
+    ('last_error', 'TEXT'),
+    -- not before: the producer queues the job only once this time has come
+    -- (set in the future to schedule a mail; set by the consumer for a retry)
+    ('run_at',     'TIMESTAMPTZ NOT NULL DEFAULT now()'),
+    -- when the job was inserted; also makes each job's Message-ID unique
+    ('created_at', 'TIMESTAMPTZ NOT NULL DEFAULT now()')
+  ) AS wanted(name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'jobs'::regclass AND attname = col.name
+                     AND NOT attisdropped) THEN
+      EXECUTE format('ALTER TABLE jobs ADD COLUMN %I %s', col.name, col.definition);
+    END IF;
+  END LOOP;
+END
+$$;
+
+
+-- =============================================================================
+-- Invariants (named CHECK constraints)
+-- =============================================================================
+-- The statuses, as people read them in pgAdmin:
+--   available  ready to be queued (the seed's default for a new job)
+--   queued     in the queue table, waiting for or being sent by a consumer
+--   completed  the SMTP server accepted the mail
+--   failed     the last attempt failed for a reason that may pass; retried at run_at
+--   dead       given up: permanent rejection, bad input, or attempts exhausted
+-- A constraint is added NOT VALID first, so that existing rows never stop the
+-- script; it is then validated, and a warning names the problem if that fails.
+DO $$
+DECLARE
+  con RECORD;
+BEGIN
+  FOR con IN SELECT * FROM (VALUES
+    -- a job is always in one of the five statuses above
+    ('jobs', 'jobs_status_known',
+     'CHECK (status IS NOT NULL AND status IN (''available'', ''queued'', ''completed'', ''failed'', ''dead''))'),
+    -- attempts only ever count up from zero
+    ('jobs', 'jobs_attempts_not_negative', 'CHECK (attempts >= 0)'),
+    -- a queue row always names a job
+    ('queue', 'queue_job_id_present', 'CHECK (job_id IS NOT NULL)'),
+    -- a queue row names a job that exists; deleting a job removes it from the queue
+    ('queue', 'queue_job_id_fkey',
+     'FOREIGN KEY (job_id) REFERENCES jobs (job_id) ON DELETE CASCADE')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = con.tbl::regclass AND conname = con.name) THEN
+      EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I %s NOT VALID',
+                     con.tbl, con.name, con.definition);
+      BEGIN
+        EXECUTE format('ALTER TABLE %I VALIDATE CONSTRAINT %I', con.tbl, con.name);
+      EXCEPTION WHEN check_violation OR foreign_key_violation THEN
+        RAISE WARNING 'existing rows of % break constraint %; new rows are checked, fix the old ones and run this script again',
+          con.tbl, con.name;
+      END;
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- One queue row per job at most, so that no job can be sent by two consumers at
+-- once. Duplicates left by hand-written inserts are removed first (the oldest row
+-- of each job stays), because the unique index cannot be built over them.
+DO $$
+BEGIN
+  IF to_regclass('queue_job_id_key') IS NULL THEN
+    DELETE FROM queue dup USING queue keep
+     WHERE dup.job_id = keep.job_id AND dup.queue_id > keep.queue_id;
+    CREATE UNIQUE INDEX queue_job_id_key ON queue (job_id);
+  END IF;
+END
+$$;
+
+
+-- =============================================================================
+-- Indexes
+-- =============================================================================
+
+-- The producer's search for ready work: only available and failed jobs are in
+-- it, so it never scans the history of completed and dead jobs.
+CREATE INDEX IF NOT EXISTS jobs_ready_idx ON jobs (run_at, job_id)
+  WHERE status IN ('available', 'failed');
+
+
+-- =============================================================================
+-- Notifications (doorbells: the payload is always empty, so Postgres collapses
+-- duplicates within a transaction and no personal data is ever broadcast)
+-- =============================================================================
+
+-- Rings the channel named by the trigger's argument.
+CREATE OR REPLACE FUNCTION mailqueue_ring() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+BEGIN
+  PERFORM pg_notify(TG_ARGV[0], '');
+  RETURN NULL;
+END
+$$;
+
+DO $$
+BEGIN
+  -- New jobs: wakes the producer. One notification per statement, not per row.
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                 WHERE tgrelid = 'jobs'::regclass AND tgname = 'jobs_ring_producer') THEN
+    CREATE TRIGGER jobs_ring_producer
+      AFTER INSERT ON jobs
+      FOR EACH STATEMENT EXECUTE PROCEDURE mailqueue_ring('mailqueue_jobs');
+  END IF;
+  -- A job put back to available by hand (e.g. a dead one retried): wakes the producer.
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                 WHERE tgrelid = 'jobs'::regclass AND tgname = 'jobs_ring_producer_on_retry') THEN
+    CREATE TRIGGER jobs_ring_producer_on_retry
+      AFTER UPDATE OF status ON jobs
+      FOR EACH ROW WHEN (NEW.status = 'available' AND OLD.status IS DISTINCT FROM 'available')
+      EXECUTE PROCEDURE mailqueue_ring('mailqueue_jobs');
+  END IF;
+  -- Rows entering the queue: wakes the consumers. One notification per statement.
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                 WHERE tgrelid = 'queue'::regclass AND tgname = 'queue_ring_consumers') THEN
+    CREATE TRIGGER queue_ring_consumers
+      AFTER INSERT ON queue
+      FOR EACH STATEMENT EXECUTE PROCEDURE mailqueue_ring('mailqueue_queue');
+  END IF;
+END
+$$;
