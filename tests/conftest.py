@@ -1,0 +1,175 @@
+"""Shared fixtures: a real PostgreSQL, a real SMTP server, and the two scripts.
+
+PostgreSQL: a throwaway server from the pgserver wheel, started once per session,
+or, when TEST_DATABASE_URL is set, that server. Either way each test gets its own
+database, copied from a template that has sql/schema.sql applied (built once per
+session), and only databases this session created are ever dropped.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+from helpers import ROOT
+from mailqueue.devservers import SmtpSink, ThrowawayPostgres, apply_schema
+
+PREFIX = "mailqueue_test_"
+
+
+class PostgresServer:
+    """A server we may create databases on, and the databases we created."""
+
+    def __init__(self, admin_dsn):
+        self.admin_dsn = admin_dsn
+        self.params = psycopg2.extensions.parse_dsn(admin_dsn)
+        self.created = []
+
+    def settings_for(self, database):
+        """The configuration's `database` section (the seed's five keys)."""
+        return {"database": database,
+                "user": self.params.get("user", os.environ.get("USER", "postgres")),
+                "password": self.params.get("password", ""),
+                "host": self.params.get("host", "127.0.0.1"),
+                "port": int(self.params.get("port", 5432))}
+
+    def dsn(self, database):
+        return psycopg2.extensions.make_dsn(self.admin_dsn, dbname=database)
+
+    def admin(self, sql):
+        conn = psycopg2.connect(self.admin_dsn)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    def create_database(self, template=None):
+        name = PREFIX + uuid.uuid4().hex[:12]
+        self.admin('CREATE DATABASE "%s"%s' % (name, ' TEMPLATE "%s"' % template if template else ""))
+        self.created.append(name)
+        return name
+
+    def drop_database(self, name):
+        assert name in self.created, "never drop a database this session did not create"
+        self.admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE datname = '%s' AND pid <> pg_backend_pid()" % name)
+        self.admin('DROP DATABASE IF EXISTS "%s"' % name)
+        self.created.remove(name)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    url = os.environ.get("TEST_DATABASE_URL")
+    throwaway = None if url else ThrowawayPostgres().start()
+    server = PostgresServer(url or throwaway.dsn())
+    server.throwaway = throwaway
+    try:
+        yield server
+        for name in list(server.created):
+            server.drop_database(name)
+    finally:
+        if throwaway:
+            throwaway.stop()
+
+
+@pytest.fixture(scope="session")
+def template_database(postgres):
+    name = postgres.create_database()
+    apply_schema(postgres.dsn(name))
+    return name
+
+
+@pytest.fixture
+def database(postgres, template_database):
+    """A fresh database with the schema applied; its name."""
+    name = postgres.create_database(template=template_database)
+    yield name
+    postgres.drop_database(name)
+
+
+@pytest.fixture
+def db(postgres, database):
+    """An autocommit connection to the test's database."""
+    conn = psycopg2.connect(postgres.dsn(database))
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def smtp():
+    with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def make_config(tmp_path, postgres, database, smtp):
+    """Write a configuration file for this test's database and SMTP sink."""
+    def make(smtp_overrides=None, queue=None, **sections):
+        config = {"database": postgres.settings_for(database),
+                  "smtp": dict({"host": "127.0.0.1", "port": smtp.port, "timeout": 10},
+                               **(smtp_overrides or {})),
+                  "queue": dict(queue or {})}
+        config.update(sections)
+        path = tmp_path / ("config-%s.json" % uuid.uuid4().hex[:6])
+        path.write_text(json.dumps(config), encoding="utf-8")
+        return str(path)
+    return make
+
+
+class Scripts:
+    """Runs consumer.py and producer.py as the user would, and cleans up."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.running = []
+
+    def command(self, script, *args):
+        return [sys.executable, os.path.join(ROOT, script)] + list(args)
+
+    def run(self, script, *args, timeout=120, env=None):
+        """Run to completion; return the CompletedProcess (text output)."""
+        return subprocess.run(self.command(script, *args), cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout, env=env)
+
+    def start(self, script, *args):
+        """Start in the background; stderr goes to a file (see log_of)."""
+        log = open(self.tmp_path / ("%s-%d.log" % (script, len(self.running))), "w+")
+        proc = subprocess.Popen(self.command(script, *args), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=log)
+        proc.log = log
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc, timeout=30):
+        """SIGTERM, wait, and return the exit code."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=timeout)
+
+    def log_of(self, proc):
+        proc.log.flush()
+        proc.log.seek(0)
+        return proc.log.read()
+
+    def cleanup(self):
+        for proc in self.running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.log.close()
+
+
+@pytest.fixture
+def scripts(tmp_path):
+    s = Scripts(tmp_path)
+    yield s
+    s.cleanup()
