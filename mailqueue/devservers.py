@@ -89,6 +89,15 @@ class ThrowawayPostgres:
         self._run([os.path.join(_pg_bin_dir(), "pg_ctl"), "-D", data, "-m", "fast",
                    "-w", "restart"])
 
+    def version(self):
+        conn = psycopg2.connect(self.dsn())
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW server_version")
+                return cur.fetchone()[0]
+        finally:
+            conn.close()
+
     def dsn(self, database="postgres"):
         return "host=127.0.0.1 port=%d user=postgres dbname=%s" % (self.port, database)
 
