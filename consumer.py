@@ -28,6 +28,7 @@ import argparse
 import collections
 import logging
 import random
+import re
 
 from mailqueue import cli, db, doorbell, mail
 
@@ -36,6 +37,7 @@ log = logging.getLogger("consumer")
 POLL_INTERVAL = 2.0  # seconds: the longest a consumer waits without looking at the queue
 QUEUE_CHANNEL = "mailqueue_queue"
 MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 
 Job = collections.namedtuple(
     "Job", "queue_id job_id status email subject content_message attempts created_at")
@@ -113,41 +115,38 @@ class Consumer:
         try:
             message = self.composer.build(job.job_id, job.email, job.subject,
                                           job.content_message, job.created_at)
+            self.sender.send(message)
         except mail.BadMail as exc:
             self.record("mark_dead", job_id=job.job_id, error=str(exc), attempted=0)
             log.warning("job %s: dead, bad input (see last_error)", job.job_id)
-            return
-        try:
-            self.sender.send(message)
         except mail.SendError as exc:
             self.record_failure(job, str(exc), exc.permanent, exc.summary)
-            return
         except (mail.SmtpUnavailable, *db.CONNECTION_ERRORS):
-            raise
+            raise  # not this job's fault: the batch goes back, and we wait
         except Exception as exc:  # a poison job must not take the worker down
             self.sender.close()
-            log.exception("job %s: unexpected error while sending", job.job_id)
+            log.exception("job %s: unexpected error", job.job_id)
             self.record_failure(job, "unexpected error: %s: %s" % (type(exc).__name__, exc),
                                 permanent=False, summary=type(exc).__name__)
-            return
-        self.record("mark_sent", job_id=job.job_id)  # step 3
-        log.debug("job %s: sent", job.job_id)
+        else:
+            self.record("mark_sent", job_id=job.job_id)  # step 3
+            log.debug("job %s: sent", job.job_id)
 
     def record_failure(self, job, error, permanent, summary):
         attempts = job.attempts + 1
         if permanent or attempts >= self.config.queue.max_attempts:
-            self.record("mark_dead", job_id=job.job_id, error=error[:MAX_ERROR_CHARS],
-                        attempted=1)
+            self.record("mark_dead", job_id=job.job_id, error=error, attempted=1)
             log.warning("job %s: dead after attempt %d (%s)", job.job_id, attempts, summary)
         else:
             delay = retry_delay(attempts, self.config.queue)
-            self.record("schedule_retry", job_id=job.job_id, error=error[:MAX_ERROR_CHARS],
-                        delay=delay)
+            self.record("schedule_retry", job_id=job.job_id, error=error, delay=delay)
             log.warning("job %s: attempt %d failed (%s); retry in %.0f s",
                         job.job_id, attempts, summary, delay)
 
     def record(self, query, **params):
         """Run one recording query on the autocommit connection: durable at once."""
+        if "error" in params:  # for people, and PostgreSQL text cannot hold NUL
+            params["error"] = _CONTROL.sub(" ", params["error"])[:MAX_ERROR_CHARS]
         with self.record_conn.cursor() as cur:
             cur.execute(db.QUERIES[query], params)
 

@@ -10,6 +10,7 @@ asked, in a Maildir; `behaviour` can make it refuse or fail mails.
 """
 
 import importlib.util
+import inspect
 import os
 import shutil
 import socket
@@ -138,8 +139,11 @@ class SmtpSink:
     """A real SMTP server on 127.0.0.1 that records every mail it accepts.
 
     behaviour(envelope) may return an SMTP reply such as "451 4.3.0 try later"
-    to refuse the mail at DATA; None accepts it.
+    to refuse the mail at DATA, SmtpSink.DROP to close the connection without a
+    reply, or None to accept it; it may be a coroutine function (to be slow).
     """
+
+    DROP = "drop the connection"
 
     def __init__(self, maildir=None, behaviour=None, **controller_options):
         self.maildir = maildir
@@ -152,8 +156,9 @@ class SmtpSink:
         self.port = None
 
     def start(self):
+        """Listen (again, on the same port after a stop)."""
         from aiosmtpd.controller import Controller
-        self.port = free_port()
+        self.port = self.port or free_port()
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port,
                                      **self.controller_options)
         self.controller.start()
@@ -166,6 +171,11 @@ class SmtpSink:
 
     async def handle_DATA(self, server, session, envelope):
         reply = self.behaviour(envelope) if self.behaviour else None
+        if inspect.isawaitable(reply):
+            reply = await reply
+        if reply == self.DROP:
+            server.transport.close()
+            return "421 4.3.0 closing"  # never reaches the client
         if reply:
             return reply
         with self.arrived:
