@@ -64,31 +64,34 @@ class ThrowawayPostgres:
         self.folder = tempfile.mkdtemp(prefix="mailqueue-pg-")
         os.chmod(self.folder, 0o755)
         self.prefix = _unprivileged_prefix(self.folder)
-        data = os.path.join(self.folder, "data")
-        self._run([os.path.join(bin_dir, "initdb"), "-D", data, "-U", "postgres",
+        self._run([os.path.join(bin_dir, "initdb"), "-D", self._data(), "-U", "postgres",
                    "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C.UTF-8"])
         self.port = free_port()
-        options = " ".join(["-h 127.0.0.1", "-p %d" % self.port, "-k %s" % self.folder]
-                           + ["-c %s" % s for s in self.settings])
-        self._run([os.path.join(bin_dir, "pg_ctl"), "-D", data, "-o", options,
-                   "-l", os.path.join(self.folder, "postgres.log"), "-w", "start"])
+        self._pg_ctl("start")
         return self
 
     def stop(self):
         if self.folder is None:
             return
-        data = os.path.join(self.folder, "data")
-        subprocess.run(self.prefix + [os.path.join(_pg_bin_dir(), "pg_ctl"), "-D", data,
-                                      "-m", "immediate", "-w", "stop"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self._pg_ctl("stop", "-m", "immediate")
+        except RuntimeError:
+            pass
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 
     def restart(self):
-        """Stop fast and start again on the same port (for fault tests)."""
-        data = os.path.join(self.folder, "data")
-        self._run([os.path.join(_pg_bin_dir(), "pg_ctl"), "-D", data, "-m", "fast",
-                   "-w", "restart"])
+        """Stop fast (every connection is closed) and start again on the same port."""
+        self._pg_ctl("restart", "-m", "fast")
+
+    def _pg_ctl(self, action, *args):
+        options = " ".join(["-h 127.0.0.1", "-p %d" % self.port, "-k %s" % self.folder]
+                           + ["-c %s" % s for s in self.settings])
+        self._run([os.path.join(_pg_bin_dir(), "pg_ctl"), action, "-D", self._data(), "-w",
+                   "-o", options, "-l", os.path.join(self.folder, "postgres.log")] + list(args))
+
+    def _data(self):
+        return os.path.join(self.folder, "data")
 
     def version(self):
         conn = psycopg2.connect(self.dsn())
@@ -108,11 +111,15 @@ class ThrowawayPostgres:
                 "host": "127.0.0.1", "port": self.port}
 
     def _run(self, command):
-        result = subprocess.run(self.prefix + command, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, cwd=self.folder)
-        if result.returncode != 0:
-            raise RuntimeError("%s failed:\n%s" % (os.path.basename(command[0]),
-                                                   result.stdout.decode(errors="replace")))
+        # Output goes to a file, not a pipe: the server that pg_ctl starts would
+        # hold a pipe open, and reading it would never end.
+        with tempfile.TemporaryFile() as output:
+            result = subprocess.run(self.prefix + command, stdout=output, stderr=output,
+                                    cwd=self.folder)
+            if result.returncode != 0:
+                output.seek(0)
+                raise RuntimeError("%s failed:\n%s" % (os.path.basename(command[0]),
+                                                       output.read().decode(errors="replace")))
 
     def __enter__(self):
         return self.start()

@@ -14,7 +14,6 @@ import re
 import smtplib
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 from email.header import Header
 from email.utils import formataddr, formatdate
@@ -22,11 +21,6 @@ from email.utils import formataddr, formatdate
 from mailqueue import addresses
 
 log = logging.getLogger(__name__)
-
-# A connection unused for this long is checked with NOOP before it is trusted
-# again: servers drop idle clients, and a send on a dead connection would be
-# counted against the job.
-IDLE_CHECK_AFTER = 10.0  # seconds
 
 _FORBIDDEN_IN_BODY = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f]")
 
@@ -112,13 +106,11 @@ class Sender:
     def __init__(self, smtp_settings):
         self.settings = smtp_settings
         self.connection = None
-        self.last_used = 0.0
 
     def connect(self):
         """Open, secure and log in if not connected; SmtpUnavailable otherwise."""
         if self.connection is not None:
-            if time.monotonic() - self.last_used < IDLE_CHECK_AFTER or self._still_open():
-                return
+            return
         s = self.settings
         try:
             if s.security == "ssl":
@@ -151,10 +143,35 @@ class Sender:
             raise SmtpUnavailable("cannot reach SMTP server %s:%s: %s"
                                   % (s.host, s.port, exc or type(exc).__name__)) from None
         self.connection = conn
-        self.last_used = time.monotonic()
 
     def send(self, mail):
         """Hand one mail to the server; SendError if it was not accepted."""
+        try:
+            try:
+                self._mail_from(mail)
+            except (smtplib.SMTPServerDisconnected, OSError):
+                # The connection went stale while idle. Nothing of this mail has
+                # been sent yet, so a new connection gets one more try.
+                self.close()
+                self._mail_from(mail)
+            code, reply = self.connection.rcpt(mail.recipient)
+            if code not in (250, 251):
+                raise self._refused(code, reply, "recipient refused")
+            code, reply = self.connection.data(mail.data)
+            if code != 250:
+                raise self._refused(code, reply, "mail refused")
+        except smtplib.SMTPResponseException as exc:  # e.g. DATA itself refused
+            raise self._refused(exc.smtp_code, exc.smtp_error, "mail refused") from None
+        except smtplib.SMTPServerDisconnected as exc:
+            self.close()
+            raise SendError("SMTP server closed the connection: %s" % (exc or "no reason given"),
+                            permanent=False, summary="connection lost") from None
+        except (OSError, smtplib.SMTPException) as exc:  # timeouts, resets, protocol errors
+            self.close()
+            raise SendError("SMTP connection failed: %s" % (exc or type(exc).__name__),
+                            permanent=False, summary="connection failed") from None
+
+    def _mail_from(self, mail):
         self.connect()
         options = []
         if mail.smtputf8:
@@ -163,34 +180,19 @@ class Sender:
                                 "does not offer SMTPUTF8", permanent=True,
                                 summary="no SMTPUTF8")
             options.append("SMTPUTF8")
-        try:
-            refused = self.connection.sendmail(mail.sender, [mail.recipient], mail.data,
-                                               mail_options=options)
-        except smtplib.SMTPRecipientsRefused as exc:
-            code, message = next(iter(exc.recipients.values()))
-            raise self._refused(code, message, "recipient refused") from None
-        except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
-            raise self._refused(exc.smtp_code, exc.smtp_error, "mail refused") from None
-        except smtplib.SMTPServerDisconnected as exc:
-            self.close()
-            raise SendError("SMTP server closed the connection: %s" % (exc or "no reason given"),
-                            permanent=False, summary="connection lost") from None
-        except smtplib.SMTPResponseException as exc:
-            self.close()
-            raise self._refused(exc.smtp_code, exc.smtp_error, "SMTP error") from None
-        except (OSError, smtplib.SMTPException) as exc:  # timeouts, resets, protocol errors
-            self.close()
-            raise SendError("SMTP connection failed: %s" % (exc or type(exc).__name__),
-                            permanent=False, summary="connection failed") from None
-        if refused:  # only possible with several recipients; kept for safety
-            code, message = next(iter(refused.values()))
-            raise self._refused(code, message, "recipient refused")
-        self.last_used = time.monotonic()
+        code, reply = self.connection.mail(mail.sender, options)
+        if code != 250:
+            raise self._refused(code, reply, "sender refused")
 
     def _refused(self, code, message, what):
         """The server answered with an error: 5xx is permanent, anything else is not."""
         if code == 421:  # the server is closing this connection
             self.close()
+        elif self.connection is not None:
+            try:
+                self.connection.rset()  # end this mail's transaction, keep the connection
+            except (OSError, smtplib.SMTPException):
+                self.close()
         text = "%s: %s" % (what, _reply_text(code, message))
         return SendError(text, permanent=500 <= code < 600, summary="%s %d" % (what, code))
 
@@ -198,13 +200,6 @@ class Sender:
         if self.connection is not None:
             _close_quietly(self.connection)
             self.connection = None
-
-    def _still_open(self):
-        try:
-            return self.connection.noop()[0] == 250
-        except (OSError, smtplib.SMTPException):
-            self.close()
-            return False
 
 
 def _reply(exc):

@@ -26,3 +26,21 @@ def query(conn, sql, params=None):
 
 def status_counts(conn):
     return dict(query(conn, "SELECT status, count(*) FROM jobs GROUP BY status"))
+
+
+def insert_jobs(conn, rows):
+    """rows: (email, content_message, subject) tuples, inserted in one statement."""
+    with conn.cursor() as cur:
+        values = ",".join(cur.mogrify("(%s, %s, %s)", row).decode() for row in rows)
+        cur.execute("INSERT INTO jobs (email, content_message, subject) VALUES " + values)
+
+
+def recipients(smtp):
+    """Every envelope recipient the sink accepted, one entry per mail."""
+    return [rcpt for _, rcpts, _, _ in smtp.received for rcpt in rcpts]
+
+
+def duplicates(smtp):
+    """How many accepted mails were a repeat of one accepted before."""
+    sent = recipients(smtp)
+    return len(sent) - len(set(sent))

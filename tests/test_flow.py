@@ -3,18 +3,11 @@
 import email
 import email.policy
 
-from helpers import query, status_counts, wait_until
+from helpers import insert_jobs, query, recipients, status_counts, wait_until
 
 
 def parse(content):
     return email.message_from_bytes(content, policy=email.policy.default)
-
-
-def insert_jobs(db, rows):
-    """rows: (email, content_message, subject) tuples, inserted in one statement."""
-    with db.cursor() as cur:
-        args = ",".join(cur.mogrify("(%s, %s, %s)", row).decode() for row in rows)
-        cur.execute("INSERT INTO jobs (email, content_message, subject) VALUES " + args)
 
 
 def test_seed_example_insert_is_sent_and_completed(db, smtp, make_config, scripts):
@@ -28,9 +21,9 @@ def test_seed_example_insert_is_sent_and_completed(db, smtp, make_config, script
     consumed = scripts.run("consumer.py", "--config", config, "--drain")
     assert consumed.returncode == 0, consumed.stderr
 
-    [(sender, recipients, content, _)] = smtp.received
+    [(sender, rcpts, content, _)] = smtp.received
     assert sender == "noreply@example.com"
-    assert recipients == ["wind2941999@example.com"]
+    assert rcpts == ["wind2941999@example.com"]
     message = parse(content)
     assert message["To"] == "wind2941999@example.com"
     assert message["Subject"] == "Message from Mail Queue"
@@ -75,8 +68,7 @@ def test_four_consumers_and_two_producers_send_2000_mails_exactly_once(
     for proc in consumers + producers:
         assert scripts.stop(proc) == 0, scripts.log_of(proc)
 
-    recipients = sorted(r for _, rcpts, _, _ in smtp.received for r in rcpts)
-    assert recipients == sorted(expected), "every mail exactly once"
+    assert sorted(recipients(smtp)) == sorted(expected), "every mail exactly once"
     assert query(db, "SELECT count(*) FROM jobs WHERE NOT (start_time <= end_time)"
                      " OR attempts <> 1") == [(0,)]
     assert query(db, "SELECT count(*) FROM queue") == [(0,)]
@@ -162,8 +154,7 @@ def test_bad_address_is_dead_and_does_not_hold_up_the_others(db, smtp, make_conf
                                             ("good2@example.com", "completed")]
     assert rows[1][2] == 0, "no send was attempted"
     assert "not a valid address" in rows[1][3]
-    assert sorted(r for _, rcpts, _, _ in smtp.received for r in rcpts) == [
-        "good1@example.com", "good2@example.com"]
+    assert sorted(recipients(smtp)) == ["good1@example.com", "good2@example.com"]
 
 
 def test_sigterm_stops_an_idle_consumer_and_producer_with_exit_code_0(make_config, scripts):
