@@ -125,7 +125,7 @@ class Sender:
                     conn.starttls(context=_tls_context(s.ca_file))
                     conn.ehlo()
                 if s.user:
-                    conn.login(s.user, s.password)
+                    _login(conn, s.user, s.password)
             except BaseException:
                 _close_quietly(conn)
                 raise
@@ -200,6 +200,20 @@ class Sender:
         if self.connection is not None:
             _close_quietly(self.connection)
             self.connection = None
+
+
+def _login(conn, user, password):
+    if user.isascii() and password.isascii():
+        conn.login(user, password)
+        return
+    # smtplib encodes credentials as ASCII; AUTH PLAIN carries UTF-8 (RFC 4616).
+    if "plain" not in conn.esmtp_features.get("auth", "").lower().split():
+        raise smtplib.SMTPException("the user name or password is not ASCII, which needs "
+                                    "AUTH PLAIN, and the server does not offer it")
+    token = base64.b64encode(("\0%s\0%s" % (user, password)).encode("utf-8"))
+    code, reply = conn.docmd("AUTH", "PLAIN " + token.decode("ascii"))
+    if code != 235:
+        raise smtplib.SMTPAuthenticationError(code, reply)
 
 
 def _reply(exc):

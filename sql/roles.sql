@@ -1,0 +1,38 @@
+-- =============================================================================
+-- Mail job queue: least-privilege roles (optional).
+--
+-- Run after sql/schema.sql, on the same database, as its owner (CREATE ROLE needs
+-- the CREATEROLE attribute; nothing here needs a superuser). Safe to run again.
+-- The roles cannot log in; grant them to login roles of your own, e.g.
+--   CREATE ROLE shop_app LOGIN PASSWORD '...' IN ROLE mailqueue_app;
+--   CREATE ROLE mail_worker LOGIN PASSWORD '...' IN ROLE mailqueue_worker;
+-- =============================================================================
+
+DO $$
+BEGIN
+  -- mailqueue_app: your application. It may insert jobs, and read back their ids.
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mailqueue_app') THEN
+    CREATE ROLE mailqueue_app NOLOGIN;
+  END IF;
+  -- mailqueue_worker: producer.py and consumer.py.
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mailqueue_worker') THEN
+    CREATE ROLE mailqueue_worker NOLOGIN;
+  END IF;
+END
+$$;
+
+-- The application: INSERT, and job_id for INSERT ... RETURNING job_id. It cannot
+-- read other jobs' addresses or contents, change a job, or touch the queue.
+GRANT INSERT ON jobs TO mailqueue_app;
+GRANT SELECT (job_id) ON jobs TO mailqueue_app;
+GRANT USAGE ON SEQUENCE jobs_job_id_seq TO mailqueue_app;
+
+-- The scripts: read jobs and change only their bookkeeping columns; move rows
+-- through the queue. They cannot insert or delete jobs, nor change a mail's
+-- address, subject or content.
+GRANT SELECT ON jobs TO mailqueue_worker;
+GRANT UPDATE (status, start_time, end_time, attempts, last_error, run_at) ON jobs
+  TO mailqueue_worker;
+-- (UPDATE on queue only because SELECT ... FOR UPDATE requires it; no query updates it.)
+GRANT SELECT, INSERT, UPDATE, DELETE ON queue TO mailqueue_worker;
+GRANT USAGE ON SEQUENCE queue_queue_id_seq TO mailqueue_worker;
