@@ -152,8 +152,9 @@ class SmtpSink:
 
     DROP = "drop the connection"
 
-    def __init__(self, maildir=None, behaviour=None, **controller_options):
+    def __init__(self, maildir=None, behaviour=None, pipelining=True, **controller_options):
         self.maildir = maildir
+        self.pipelining = pipelining  # offer PIPELINING (RFC 2920), as Postfix does
         self.behaviour = behaviour
         self.controller_options = controller_options
         self.received = []       # (mail_from, [rcpt_tos], content bytes, arrival time)
@@ -175,6 +176,12 @@ class SmtpSink:
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:  # aiosmtpd reads commands one by one, so it can
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_DATA(self, server, session, envelope):
         reply = self.behaviour(envelope) if self.behaviour else None

@@ -14,8 +14,9 @@ import re
 import smtplib
 import socket
 import ssl
+import time
 from dataclasses import dataclass
-from email.header import Header
+from email import base64mime
 from email.utils import formataddr, formatdate
 
 from mailqueue import addresses
@@ -81,14 +82,13 @@ class Composer:
         if _FORBIDDEN_IN_BODY.search(body):
             raise BadMail("content_message contains a NUL or other control character")
 
-        subject_header = Header(subject_text, "us-ascii" if subject_text.isascii() else "utf-8",
-                                header_name="Subject").encode(linesep="\r\n")
+        subject_header = encode_header_text(subject_text)
         # Stable per job: a repeated send of the same job carries the same Message-ID.
         message_id = "<%d.%d@%s>" % (job_id, int(created_at.timestamp() * 1e6), self.domain)
         head = "".join((
             "To: %s\r\n" % recipient.address,
             "Subject: %s\r\n" % subject_header,
-            "Date: %s\r\n" % formatdate(usegmt=True),
+            "Date: %s\r\n" % _date_now(),
             "Message-ID: %s\r\n" % message_id,
             "MIME-Version: 1.0\r\n",
             'Content-Type: text/plain; charset="utf-8"\r\n',
@@ -98,6 +98,38 @@ class Composer:
         encoded = base64.encodebytes(text.encode("utf-8")).replace(b"\n", b"\r\n")
         return Mail(job_id, self.envelope_sender, recipient.address, recipient.smtputf8,
                     self.from_line + head.encode("utf-8") + encoded)
+
+
+def encode_header_text(text):
+    """ASCII as it is; anything else as RFC 2047 base64 encoded words (at most 75
+    characters each, never splitting a character), one per folded line."""
+    if text.isascii():
+        return text
+    words, chunk, size = [], [], 0
+    for char in text:
+        length = len(char.encode("utf-8"))
+        if size + length > _WORD_BYTES:
+            words.append("".join(chunk))
+            chunk, size = [], 0
+        chunk.append(char)
+        size += length
+    words.append("".join(chunk))
+    return "\r\n ".join(base64mime.header_encode(w.encode("utf-8"), "utf-8") for w in words)
+
+
+_WORD_BYTES = 45  # 60 characters of base64, plus =?utf-8?b??= makes 72 <= 75
+_date_cache = [0, ""]
+
+
+def _date_now():
+    """The Date header's value, formatted once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
 
 
 class Sender:
@@ -148,20 +180,17 @@ class Sender:
         """Hand one mail to the server; SendError if it was not accepted."""
         try:
             try:
-                self._mail_from(mail)
+                self._envelope(mail)
             except (smtplib.SMTPServerDisconnected, OSError):
-                # The connection went stale while idle. Nothing of this mail has
-                # been sent yet, so a new connection gets one more try.
+                # The connection went stale while idle. The mail's content has not
+                # been sent, so the server cannot have accepted it: a new
+                # connection gets one more try.
                 self.close()
-                self._mail_from(mail)
-            code, reply = self.connection.rcpt(mail.recipient)
-            if code not in (250, 251):
-                raise self._refused(code, reply, "recipient refused")
-            code, reply = self.connection.data(mail.data)
+                self._envelope(mail)
+            self.connection.send(_DOT_AT_LINE_START.sub(b"..", mail.data) + b".\r\n")
+            code, reply = self.connection.getreply()
             if code != 250:
                 raise self._refused(code, reply, "mail refused")
-        except smtplib.SMTPResponseException as exc:  # e.g. DATA itself refused
-            raise self._refused(exc.smtp_code, exc.smtp_error, "mail refused") from None
         except smtplib.SMTPServerDisconnected as exc:
             self.close()
             raise SendError("SMTP server closed the connection: %s" % (exc or "no reason given"),
@@ -171,18 +200,35 @@ class Sender:
             raise SendError("SMTP connection failed: %s" % (exc or type(exc).__name__),
                             permanent=False, summary="connection failed") from None
 
-    def _mail_from(self, mail):
+    def _envelope(self, mail):
+        """MAIL FROM, RCPT TO and DATA; in one round trip when the server offers
+        PIPELINING (RFC 2920). Returns once the server is ready for the content."""
         self.connect()
-        options = []
-        if mail.smtputf8:
-            if not self.connection.has_extn("smtputf8"):
-                raise SendError("the recipient's address is not ASCII and the SMTP server "
-                                "does not offer SMTPUTF8", permanent=True,
-                                summary="no SMTPUTF8")
-            options.append("SMTPUTF8")
-        code, reply = self.connection.mail(mail.sender, options)
-        if code != 250:
-            raise self._refused(code, reply, "sender refused")
+        conn = self.connection
+        if mail.smtputf8 and not conn.has_extn("smtputf8"):
+            raise SendError("the recipient's address is not ASCII and the SMTP server "
+                            "does not offer SMTPUTF8", permanent=True, summary="no SMTPUTF8")
+        commands = [("MAIL FROM:<%s>%s" % (mail.sender, " SMTPUTF8" if mail.smtputf8 else ""),
+                     "sender refused", (250,)),
+                    ("RCPT TO:<%s>" % mail.recipient, "recipient refused", (250, 251)),
+                    ("DATA", "mail refused", (354,))]
+        encoding = "utf-8" if mail.smtputf8 else "ascii"
+        if conn.has_extn("pipelining"):
+            conn.send("".join(c + "\r\n" for c, _, _ in commands).encode(encoding))
+            replies = [conn.getreply() for _ in commands]
+        else:
+            replies = []
+            for command, _, wanted in commands:
+                conn.send((command + "\r\n").encode(encoding))
+                replies.append(conn.getreply())
+                if replies[-1][0] not in wanted:
+                    break
+        for (_, what, wanted), (code, reply) in zip(commands, replies):
+            if code not in wanted:
+                if replies[-1][0] == 354:  # DATA went through anyway: end it, empty
+                    conn.send(b".\r\n")
+                    conn.getreply()
+                raise self._refused(code, reply, what)
 
     def _refused(self, code, message, what):
         """The server answered with an error: 5xx is permanent, anything else is not."""

@@ -3,6 +3,8 @@
 import email
 import email.policy
 
+import pytest
+
 from helpers import insert_jobs, query, recipients, status_counts, wait_until
 
 
@@ -10,7 +12,9 @@ def parse(content):
     return email.message_from_bytes(content, policy=email.policy.default)
 
 
-def test_seed_example_insert_is_sent_and_completed(db, smtp, make_config, scripts):
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_seed_example_insert_is_sent_and_completed(pipelining, db, smtp, make_config, scripts):
+    smtp.pipelining = pipelining
     query(db, "INSERT INTO jobs(email, content_message) values ('wind2941999@example.com', 'test queue')")
     config = make_config()
 
