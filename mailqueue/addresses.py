@@ -6,6 +6,7 @@ injection through encoded words) and CVE-2023-27043 (parseaddr misreading
 addresses go through email-validator (no DNS), text through check_header_text.
 """
 
+import functools
 import re
 from dataclasses import dataclass
 from email.utils import parseaddr
@@ -44,6 +45,13 @@ def parse_recipient(value):
     if _FORBIDDEN_IN_HEADER.search(text):
         raise BadAddress("email %s contains a line break or control character"
                          % _shown(text))
+    local, _, domain = text.rpartition("@")
+    if _PLAIN_LOCAL_PART.match(local) and domain.isascii():
+        # The common case, checked faster: a plain ASCII local part, and a domain
+        # that email-validator already accepted once (domains repeat).
+        ascii_domain = _valid_ascii_domain(domain.lower())
+        if ascii_domain and len(local) + 1 + len(ascii_domain) <= 254:
+            return Address(local + "@" + ascii_domain, ascii_domain, False)
     try:
         checked = validate_email(text, check_deliverability=False)
     except EmailNotValidError as exc:
@@ -51,6 +59,19 @@ def parse_recipient(value):
     if checked.smtputf8:
         return Address(checked.normalized, checked.ascii_domain, True)
     return Address(checked.ascii_email, checked.ascii_domain, False)
+
+
+# A local part email-validator accepts as it is: dot-separated runs of these.
+_PLAIN_LOCAL_PART = re.compile(r"(?=.{1,64}\Z)[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*\Z")
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_ascii_domain(domain):
+    """email-validator's ASCII form of `domain`, or None if it refuses it."""
+    try:
+        return validate_email("postmaster@" + domain, check_deliverability=False).ascii_domain
+    except EmailNotValidError:
+        return None
 
 
 def parse_sender(value):

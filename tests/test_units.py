@@ -118,3 +118,26 @@ def test_internationalised_address_needs_smtputf8_only_for_a_non_ascii_local_par
 
 def test_header_text_check_allows_ordinary_unicode():
     assert addresses.check_header_text("Đơn hàng #42 — ✓", "subject")
+
+
+@pytest.mark.parametrize("address", [
+    "user@example.com", "User.Name+tag@Example.COM", "a_b-c%d@sub.example.co.uk",
+    "x@example.com.", "a..b@example.com", ".a@example.com", "a.@example.com",
+    "a@-example.com", "a@example-.com", "a@exa_mple.com", "a@123.com", "a@example.123",
+    "a@localhost", "a@example.invalid", "a@test", "a@xn--v-d-rma6749a.vn", "a@xn--zz.com",
+    "l" * 64 + "@example.com", "l" * 65 + "@example.com", "a@" + "d" * 63 + ".com",
+    "a@" + "d" * 64 + ".com", "a@" + ".".join(["d" * 60] * 4) + ".com",
+])
+def test_fast_path_agrees_with_email_validator(address):
+    """The shortcut for plain addresses must accept and refuse exactly what
+    email-validator does, with the same normalised result."""
+    from email_validator import EmailNotValidError, validate_email
+    try:
+        expected = validate_email(address, check_deliverability=False).ascii_email
+    except EmailNotValidError:
+        expected = None
+    try:
+        got = addresses.parse_recipient(address).address
+    except addresses.BadAddress:
+        got = None
+    assert got == expected
