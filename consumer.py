@@ -27,14 +27,20 @@ because a job is only sent while its status is 'queued'.
 import argparse
 import collections
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import random
 import re
+import signal
 
 from mailqueue import cli, db, doorbell, mail
 
 log = logging.getLogger("consumer")
 
 POLL_INTERVAL = 2.0  # seconds: the longest a consumer waits without looking at the queue
+DEFAULT_CONCURRENCY = 4  # worker processes: keeps 2 cores busy while each waits on SMTP and commits
+WORKER_RESTART_DELAY = 1.0  # seconds before replacing a worker that died
 QUEUE_CHANNEL = "mailqueue_queue"
 MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
@@ -178,20 +184,70 @@ def retry_delay(attempts, queue_settings, rand=random.random):
     return min(base * (1 + 0.25 * rand()), queue_settings.max_retry_delay)
 
 
+def run_workers(config, stop, count, drain_only):
+    """Run `count` worker processes, each a Consumer sending one mail at a time.
+    A worker that dies is replaced; SIGINT or SIGTERM stops them all gracefully,
+    and workers stop by themselves if this process is killed."""
+    context = multiprocessing.get_context("fork")
+
+    def start_worker():
+        worker = context.Process(target=_worker_main, name="consumer-worker",
+                                 args=(config, drain_only, os.getpid()))
+        worker.start()
+        return worker
+
+    workers = [start_worker() for _ in range(count)]
+    try:
+        while not stop.requested:
+            running = [w for w in workers if w.exitcode is None]
+            if drain_only and not running and all(w.exitcode == 0 for w in workers):
+                return
+            multiprocessing.connection.wait([w.sentinel for w in running], timeout=0.5)
+            for i, worker in enumerate(workers):
+                if worker.exitcode is None or (drain_only and worker.exitcode == 0):
+                    continue
+                if stop.requested:
+                    break
+                log.warning("worker %d exited with code %s; starting another",
+                            worker.pid, worker.exitcode)
+                stop.sleep(WORKER_RESTART_DELAY)
+                workers[i] = start_worker()
+    finally:
+        for worker in workers:
+            if worker.exitcode is None:
+                os.kill(worker.pid, signal.SIGTERM)
+        for worker in workers:
+            worker.join()
+
+
+def _worker_main(config, drain_only, parent):
+    stop = doorbell.Stop(parent=parent)
+    stop.install()
+    Consumer(config, stop).run(drain_only)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Send the mails waiting in the queue table.")
     cli.add_common_arguments(parser)
     parser.add_argument("--drain", action="store_true",
                         help="exit once the queue table is empty")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help="worker processes, each sending one mail at a time "
+                             "(default: %(default)s; 1 runs the worker in this process)")
     args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
     config = cli.start(args)
     stop = doorbell.Stop()
     stop.install()
     cli.check_database(config)
     cli.check_smtp(config)
-    log.info("consuming from %s (batch of %d)", db.where(config.database),
-             config.queue.batch_size)
-    Consumer(config, stop).run(drain_only=args.drain)
+    log.info("consuming from %s (%d worker(s), batch of %d)", db.where(config.database),
+             args.concurrency, config.queue.batch_size)
+    if args.concurrency == 1:
+        Consumer(config, stop).run(drain_only=args.drain)
+    else:
+        run_workers(config, stop, args.concurrency, args.drain)
     log.info("stopped")
 
 

@@ -7,6 +7,7 @@ strands it. Shared by consumer.py and producer.py.
 """
 
 import logging
+import os
 import random
 import signal
 import time
@@ -23,10 +24,23 @@ RECONNECT_DELAY_MAX = 30.0  # seconds: the wait doubles up to this
 
 
 class Stop:
-    """Set by SIGINT or SIGTERM; the loops check it between units of work."""
+    """Set by SIGINT or SIGTERM; the loops check it between units of work.
 
-    def __init__(self):
-        self.requested = False
+    With `parent`, a worker process also stops once that parent is gone."""
+
+    def __init__(self, parent=None):
+        self._requested = False
+        self.parent = parent
+
+    @property
+    def requested(self):
+        if self.parent is not None and os.getppid() != self.parent:
+            self._requested = True
+        return self._requested
+
+    @requested.setter
+    def requested(self, value):
+        self._requested = value
 
     def install(self):
         for signum in STOP_SIGNALS:

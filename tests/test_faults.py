@@ -3,7 +3,9 @@ SMTP servers that go away, refuse or hang. Every test counts lost and duplicated
 mails (each job has its own recipient, so a repeat is a duplicate)."""
 
 import asyncio
+import os
 import random
+import signal
 import time
 
 import psycopg2
@@ -35,7 +37,8 @@ def assert_every_job_completed_once(db, smtp, emails, max_duplicates=0):
 def test_killed_consumers_lose_no_job_and_duplicate_at_most_one_mail_each(
         db, smtp, make_config, scripts):
     config = make_config()
-    consumers = [scripts.start("consumer.py", "--config", config) for _ in range(3)]
+    single = ("--config", config, "--concurrency", "1")  # the process killed is the sender
+    consumers = [scripts.start("consumer.py", *single) for _ in range(3)]
     producer = scripts.start("producer.py", "--config", config)
     emails = addresses(3000)
     queue_jobs(db, emails)
@@ -47,7 +50,7 @@ def test_killed_consumers_lose_no_job_and_duplicate_at_most_one_mail_each(
         consumers[victim].kill()
         consumers[victim].wait()
         kills += 1
-        consumers[victim] = scripts.start("consumer.py", "--config", config)
+        consumers[victim] = scripts.start("consumer.py", *single)
 
     assert_every_job_completed_once(db, smtp, emails, max_duplicates=kills)
     for proc in consumers + [producer]:
@@ -59,6 +62,40 @@ def test_killed_consumers_lose_no_job_and_duplicate_at_most_one_mail_each(
         message_id = [line for line in content.split(b"\r\n") if line.startswith(b"Message-ID")]
         by_rcpt.setdefault(rcpts[0], set()).update(message_id)
     assert all(len(ids) == 1 for ids in by_rcpt.values())
+
+
+def worker_pids(consumer):
+    return [int(pid) for pid in open("/proc/%d/task/%d/children" % (consumer.pid, consumer.pid))
+            .read().split()]
+
+
+def test_killed_worker_is_replaced_and_workers_of_a_killed_consumer_stop_by_themselves(
+        db, smtp, make_config, scripts):
+    async def slow(envelope):
+        await asyncio.sleep(0.005)
+    smtp.behaviour = slow
+    config = make_config()
+    consumer = scripts.start("consumer.py", "--config", config, "--concurrency", "3")
+    emails = addresses(600)
+    queue_jobs(db, emails)
+    assert scripts.run("producer.py", "--config", config, "--once").returncode == 0
+
+    smtp.wait_for(100)
+    workers = wait_until(lambda: len(worker_pids(consumer)) == 3 and worker_pids(consumer))
+    os.kill(workers[0], signal.SIGKILL)  # one duplicate at most
+    wait_until(lambda: len(worker_pids(consumer)) == 3 and workers[0] not in worker_pids(consumer),
+               what="a replacement worker")
+    smtp.wait_for(300)
+    orphans = worker_pids(consumer)
+    consumer.kill()  # the parent: its workers finish the mail in hand and stop
+    consumer.wait()
+    for pid in orphans:
+        wait_until(lambda: not os.path.exists("/proc/%d" % pid) or
+                   open("/proc/%d/stat" % pid).read().split()[2] == "Z", what="orphans to stop")
+    assert query(db, "SELECT count(*) FROM jobs WHERE status NOT IN ('queued', 'completed')") == [(0,)]
+
+    assert scripts.run("consumer.py", "--config", config, "--drain").returncode == 0
+    assert_every_job_completed_once(db, smtp, emails, max_duplicates=1)
 
 
 def test_sigterm_finishes_the_mail_in_hand_releases_the_rest_and_exits_0(
@@ -93,7 +130,8 @@ def test_postgres_restart_mid_run_loses_nothing(postgres, database, smtp, make_c
         await asyncio.sleep(0.002)
     smtp.behaviour = slow
     config = make_config()
-    consumers = [scripts.start("consumer.py", "--config", config) for _ in range(2)]
+    consumers = [scripts.start("consumer.py", "--config", config, "--concurrency", "2")
+                 for _ in range(2)]
     producer = scripts.start("producer.py", "--config", config)
     connect = lambda: psycopg2.connect(postgres.dsn(database))  # noqa: E731
     db = connect()
@@ -106,11 +144,11 @@ def test_postgres_restart_mid_run_loses_nothing(postgres, database, smtp, make_c
     postgres.throwaway.restart()
     db = connect()
     db.autocommit = True
-    wait_until(lambda: len(listeners(db)) == 3, what="all three to LISTEN again")
+    wait_until(lambda: len(listeners(db)) == 5, what="all four workers and the producer to LISTEN")
     print("\nlisteners back %.1f s after the restart began" % (time.monotonic() - restarted))
     queue_jobs(db, after)  # reaches them only if they listen and produce again
 
-    assert_every_job_completed_once(db, smtp, before + after, max_duplicates=len(consumers))
+    assert_every_job_completed_once(db, smtp, before + after, max_duplicates=4)  # one per worker
     for proc in consumers + [producer]:
         assert scripts.stop(proc) == 0
         assert "trying again" in scripts.log_of(proc)
@@ -128,7 +166,7 @@ def listeners(db):
 def test_terminated_listen_connection_comes_back_and_work_still_flows(
         whose, db, smtp, make_config, scripts):
     config = make_config()
-    consumer = scripts.start("consumer.py", "--config", config)
+    consumer = scripts.start("consumer.py", "--config", config, "--concurrency", "1")
     producer = scripts.start("producer.py", "--config", config)
     wait_until(lambda: len(listeners(db)) == 2, what="both to LISTEN")
     [(old_pid,)] = query(db, "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"

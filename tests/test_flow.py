@@ -94,9 +94,9 @@ def test_failing_smtp_server_leads_to_failed_then_successful_retry(
 
     assert scripts.run("producer.py", "--config", config, "--once").returncode == 0
     assert scripts.run("consumer.py", "--config", config, "--drain").returncode == 0
-    [(status, attempts, last_error, in_future)] = query(
-        db, "SELECT status, attempts, last_error, run_at > now() FROM jobs")
-    assert (status, attempts, in_future) == ("failed", 1, True)
+    [(status, attempts, last_error, delayed)] = query(  # created just before it failed
+        db, "SELECT status, attempts, last_error, run_at >= created_at + interval '0.5 s' FROM jobs")
+    assert (status, attempts, delayed) == ("failed", 1, True)
     assert "451 4.3.0 Temporary local problem" in last_error
     assert smtp.received == []
 
