@@ -192,7 +192,7 @@ def run_workers(config, stop, count, drain_only):
 
     def start_worker():
         worker = context.Process(target=_worker_main, name="consumer-worker",
-                                 args=(config, drain_only, os.getpid()))
+                                 args=(config, drain_only, stop, os.getpid()))
         worker.start()
         return worker
 
@@ -220,9 +220,10 @@ def run_workers(config, stop, count, drain_only):
             worker.join()
 
 
-def _worker_main(config, drain_only, parent):
-    stop = doorbell.Stop(parent=parent)
-    stop.install()
+def _worker_main(config, drain_only, stop, parent):
+    # `stop` is the parent's, copied by fork, and so is the handler bound to it:
+    # a signal that came before this line is not lost.
+    stop.parent = parent
     Consumer(config, stop).run(drain_only)
 
 
