@@ -1,0 +1,371 @@
+"""Benchmarks: throughput, latency, history, memory and insert cost, side by side
+with the seed-style loop. Prints a table; asserts nothing.
+
+    scripts/bench            # the full run (several minutes)
+    scripts/bench --quick    # smaller sizes, under 2 minutes
+
+It starts a throwaway PostgreSQL (default settings: fsync and synchronous_commit
+on, as in production) and Postfix's smtp-sink, a fast SMTP sink written in C
+(installed from Debian's postfix package if missing and this runs as root), and
+measures the sink's own ceiling first so that it is shown not to be the limit.
+Latency is measured with an aiosmtpd sink in its own process, which records when
+each mail arrives.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import psycopg2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mailqueue.devservers import SmtpSink, ThrowawayPostgres, apply_schema, free_port  # noqa
+
+BODY = ("Kính gửi quý khách, đơn hàng của bạn đã được xác nhận và sẽ được giao trong "
+        "hai ngày làm việc. Cảm ơn bạn đã mua sắm cùng chúng tôi! ") * 7  # ~1 KB of UTF-8
+PG_SETTINGS = ("max_connections=300",)
+
+
+# --------------------------------------------------------------------------- servers
+
+def start_smtp_sink():
+    """Postfix's smtp-sink on a free port; (port, process)."""
+    path = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    if not os.path.exists(path) and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("Installing Debian's postfix for smtp-sink ...", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        if subprocess.run(["apt-get", "install", "-y", "-q", "postfix"], **quiet).returncode:
+            subprocess.run(["apt-get", "update", "-q"], **quiet)
+            subprocess.run(["apt-get", "install", "-y", "-q", "postfix"], **quiet)
+        subprocess.run(["postfix", "stop"], **quiet)  # the package may start its daemon
+    if not os.path.exists(path):
+        raise SystemExit("error: smtp-sink not found; install Debian's postfix package")
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    proc = subprocess.Popen([path] + user + ["-8", "127.0.0.1:%d" % port, "1000"])
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return port, proc
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("error: smtp-sink did not start")
+
+
+def _blast(port, count, data):
+    smtp = smtplib.SMTP("127.0.0.1", port)
+    for _ in range(count):
+        smtp.sendmail("noreply@example.com", ["sink@example.com"], data)
+    smtp.quit()
+
+
+def sink_ceiling(port, total):
+    """Mails/s the sink takes from 4 processes sending ready-made bytes."""
+    data = ("Subject: x\r\n\r\n" + BODY).encode("utf-8")
+    started = time.monotonic()
+    procs = [multiprocessing.Process(target=_blast, args=(port, total // 4, data))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return total / (time.monotonic() - started)
+
+
+class Lab:
+    """A throwaway PostgreSQL with a schema template; one fresh database per run."""
+
+    def __init__(self, smtp_port, folder):
+        self.pg = ThrowawayPostgres(settings=PG_SETTINGS).start()
+        self.smtp_port = smtp_port
+        self.folder = folder
+        self.admin("CREATE DATABASE bench_template")
+        apply_schema(self.pg.dsn("bench_template"))
+        self.count = 0
+
+    def admin(self, sql):
+        conn = psycopg2.connect(self.pg.dsn())
+        conn.autocommit = True
+        conn.cursor().execute(sql)
+        conn.close()
+
+    def fresh(self, smtp_port=None):
+        """A new database from the template; (connection, config path)."""
+        self.count += 1
+        name = "bench_%d" % self.count
+        self.admin("CREATE DATABASE %s TEMPLATE bench_template" % name)
+        conn = psycopg2.connect(self.pg.dsn(name))
+        conn.autocommit = True
+        path = os.path.join(self.folder, "%s.json" % name)
+        with open(path, "w") as f:
+            json.dump({"database": self.pg.settings_for(name),
+                       "smtp": {"host": "127.0.0.1", "port": smtp_port or self.smtp_port}}, f)
+        return conn, path
+
+    def stop(self):
+        self.pg.stop()
+
+
+def script(name, *args):
+    return [sys.executable, os.path.join(ROOT, name), "--log-level", "WARNING"] + list(args)
+
+
+def insert_jobs(conn, count, prefix="user"):
+    conn.cursor().execute(
+        "INSERT INTO jobs (email, subject, content_message) "
+        "SELECT %s || i || '@example.com', 'Đơn hàng số ' || i, %s "
+        "FROM generate_series(1, %s) i", (prefix, BODY, count))
+
+
+def add_history(conn, rows):
+    """`rows` completed jobs, as a long-running installation accumulates."""
+    conn.cursor().execute(
+        "INSERT INTO jobs (email, subject, content_message, status, attempts, start_time, "
+        "end_time, created_at, run_at) "
+        "SELECT 'old' || i || '@example.com', 'Old mail ' || i, %s, 'completed', 1, "
+        "now() - interval '1 day', now() - interval '1 day', now() - interval '1 day', "
+        "now() - interval '1 day' FROM generate_series(1, %s) i", (BODY[:200], rows))
+    conn.cursor().execute("VACUUM ANALYZE jobs")
+
+
+def completed(conn):
+    """Jobs completed, the history left aside (a full count: only at the end)."""
+    cur = conn.cursor()
+    cur.execute("SELECT count(*) FROM jobs WHERE status = 'completed' "
+                "AND email NOT LIKE 'old%%'")
+    return cur.fetchone()[0]
+
+
+def pending(conn):
+    """Jobs not yet finished, cheaply (queue rows, and ready jobs by their index)."""
+    cur = conn.cursor()
+    cur.execute("SELECT (SELECT count(*) FROM queue) + (SELECT count(*) FROM jobs "
+                "WHERE status IN ('available', 'failed'))")
+    return cur.fetchone()[0]
+
+
+def wait_listening(conn, count):
+    """Until `count` of the scripts' connections have run their LISTEN."""
+    cur = conn.cursor()
+    for _ in range(600):
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE '%%(listen)' AND query ILIKE 'listen%%'")
+        if cur.fetchone()[0] >= count:
+            return
+        time.sleep(0.05)
+    raise SystemExit("error: the scripts did not start listening")
+
+
+# --------------------------------------------------------------------------- goals
+
+def burn_down(lab, count, command, history=0):
+    """Queue `count` jobs, then time `command` (a list, given the config path) until it
+    exits; mails/s."""
+    conn, config = lab.fresh()
+    if history:
+        add_history(conn, history)
+    insert_jobs(conn, count)
+    subprocess.run(script("producer.py", "--config", config, "--once"), check=True)
+    started = time.monotonic()
+    subprocess.run(command(config), check=True)
+    elapsed = time.monotonic() - started
+    done = completed(conn)
+    conn.close()
+    if done != count:
+        raise SystemExit("error: %d of %d jobs completed" % (done, count))
+    return count / elapsed
+
+
+def _latency_sink(port, conn):
+    """In its own process: an aiosmtpd sink recording arrival times."""
+    arrivals = {}
+
+    def record(envelope):
+        arrivals[envelope.rcpt_tos[0]] = time.time()
+    sink = SmtpSink(behaviour=record)
+    sink.port = port
+    sink.start()
+    conn.send("ready")
+    conn.recv()  # until told to stop
+    sink.stop()
+    conn.send(arrivals)
+
+
+def latency(lab, rate, seconds, history=0):
+    """Insert jobs at `rate` per second, one transaction each, with producer and
+    consumer running; time from each INSERT's commit to the mail's arrival. (p50, p99) ms."""
+    port = free_port()
+    ours, theirs = multiprocessing.Pipe()
+    sink = multiprocessing.Process(target=_latency_sink, args=(port, theirs))
+    sink.start()
+    ours.recv()
+    conn, config = lab.fresh(smtp_port=port)
+    if history:
+        add_history(conn, history)
+    procs = [subprocess.Popen(script("consumer.py", "--config", config)),
+             subprocess.Popen(script("producer.py", "--config", config))]
+    wait_listening(conn, 4 + 1)  # the consumer's default 4 workers, and the producer
+    committed = {}
+    cur = conn.cursor()
+    started = time.monotonic()
+    for i in range(int(rate * seconds)):
+        address = "lat%d@example.com" % i
+        cur.execute("INSERT INTO jobs (email, subject, content_message) VALUES (%s, %s, %s)",
+                    (address, "Độ trễ", BODY))
+        committed[address] = time.time()
+        pause = started + (i + 1) / rate - time.monotonic()  # pacing the load, not syncing
+        if pause > 0:
+            time.sleep(pause)
+    deadline = time.monotonic() + 30
+    while pending(conn) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+    ours.send("stop")
+    arrivals = ours.recv()
+    sink.join()
+    conn.close()
+    delays = sorted((arrivals[a] - t) * 1000 for a, t in committed.items() if a in arrivals)
+    if len(delays) != len(committed):
+        raise SystemExit("error: %d of %d mails arrived" % (len(delays), len(committed)))
+    return statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+
+
+def rss_mb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+
+def memory(lab, count):
+    """A single-worker consumer's RSS after 1,000 mails and after `count`."""
+    conn, config = lab.fresh()
+    insert_jobs(conn, count)
+    subprocess.run(script("producer.py", "--config", config, "--once"), check=True)
+    proc = subprocess.Popen(script("consumer.py", "--config", config, "--concurrency", "1"))
+    early = late = None
+    while True:
+        left = pending(conn)
+        if early is None and count - left >= 1000:
+            early = rss_mb(proc.pid)
+        if left <= 20:  # the last batch: nearly all sent, and the process still up
+            late = rss_mb(proc.pid)
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    conn.close()
+    return early, late
+
+
+def insert_cost(lab, bulk, singles):
+    """(bulk INSERT ratio, single-row INSERTs ratio): time with the NOTIFY
+    triggers over time without, median of 3 alternating runs each."""
+    conn, _ = lab.fresh()
+    cur = conn.cursor()
+
+    def timed(triggers, action):
+        cur.execute("TRUNCATE jobs CASCADE")
+        cur.execute("ALTER TABLE jobs %s TRIGGER USER" % ("ENABLE" if triggers else "DISABLE"))
+        started = time.perf_counter()
+        action()
+        return time.perf_counter() - started
+
+    def one_statement():
+        insert_jobs(conn, bulk)
+
+    def single_rows():
+        for i in range(singles):
+            cur.execute("INSERT INTO jobs (email, content_message) VALUES (%s, %s)",
+                        ("one%d@example.com" % i, "hello"))
+
+    ratios = []
+    for action in (one_statement, single_rows):
+        on, off = [], []
+        for _ in range(3):
+            on.append(timed(True, action))
+            off.append(timed(False, action))
+        ratios.append(statistics.median(on) / statistics.median(off))
+    conn.close()
+    return ratios
+
+
+# --------------------------------------------------------------------------- report
+
+def main():
+    parser = argparse.ArgumentParser(description="Benchmarks; prints a table.")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, under 2 minutes")
+    args = parser.parse_args()
+    size = dict(burn=5000, seed=2000, history=100_000, lat_seconds=10, memory=10_000,
+                bulk=20_000, singles=2000) if args.quick else dict(
+        burn=20_000, seed=10_000, history=1_000_000, lat_seconds=30, memory=100_000,
+        bulk=100_000, singles=10_000)
+
+    folder = os.path.join(ROOT, "bench", "output")
+    os.makedirs(folder, exist_ok=True)
+    port, sink = start_smtp_sink()
+    lab = Lab(port, folder)
+    rows = []
+
+    def row(figure, value, goal="", seed=""):
+        rows.append((figure, value, goal, seed))
+        print("  %-44s %-22s %-14s %s" % (figure, value, goal, seed), flush=True)
+
+    try:
+        print("PostgreSQL %s (default durability), smtp-sink, %d cores, Python %s"
+              % (lab.pg.version(), os.cpu_count(), sys.version.split()[0]))
+        row("figure", "value", "goal", "seed-style loop")
+        row("smtp-sink ceiling (4 senders, ready bytes)",
+            "%.0f mails/s" % sink_ceiling(port, 40_000 if not args.quick else 20_000))
+
+        ours = burn_down(lab, size["burn"], lambda c: script("consumer.py", "--config", c,
+                                                            "--drain"))
+        seed = burn_down(lab, size["seed"], lambda c: [sys.executable, os.path.join(
+            ROOT, "bench", "seed_loop.py"), c, "2"])
+        row("1. burn-down of %d queued mails" % size["burn"], "%.0f mails/s" % ours,
+            ">= 2500/s", "%.0f mails/s (%d mails)" % (seed, size["seed"]))
+        row("   ratio to the seed-style loop", "%.1fx" % (ours / seed), ">= 3.5x")
+
+        p50, p99 = latency(lab, 50, size["lat_seconds"])
+        row("2. latency at 50 jobs/s, p50", "%.1f ms" % p50, "<= 5 ms")
+        row("   latency at 50 jobs/s, p99", "%.1f ms" % p99, "<= 10 ms")
+
+        hist = burn_down(lab, size["burn"], lambda c: script("consumer.py", "--config", c,
+                                                            "--drain"), history=size["history"])
+        row("3. burn-down with %d completed jobs" % size["history"],
+            "%.0f mails/s (%+.1f%%)" % (hist, (hist / ours - 1) * 100), "within 10%")
+        hp50, hp99 = latency(lab, 50, size["lat_seconds"], history=size["history"])
+        row("   latency p50 / p99 with that history",
+            "%.1f / %.1f ms" % (hp50, hp99), "within 10%")
+
+        early, late = memory(lab, size["memory"])
+        row("4. consumer RSS after 1,000 / %d mails" % size["memory"],
+            "%.1f / %.1f MB (%+.1f)" % (early, late, late - early), "within 10 MB")
+
+        bulk, singles = insert_cost(lab, size["bulk"], size["singles"])
+        row("5. INSERT of %d jobs, triggers on/off" % size["bulk"], "%.2fx" % bulk, "<= 1.5x")
+        row("   %d single-row INSERTs, on/off" % size["singles"], "%.2fx" % singles, "<= 1.5x")
+    finally:
+        lab.stop()
+        sink.kill()
+    with open(os.path.join(folder, "results.txt"), "w") as f:
+        for r in rows:
+            f.write("| %s |\n" % " | ".join(r))
+
+
+if __name__ == "__main__":
+    main()
