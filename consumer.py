@@ -41,7 +41,8 @@ log = logging.getLogger("consumer")
 POLL_INTERVAL = 2.0  # seconds: the longest a consumer waits without looking at the queue
 DEFAULT_CONCURRENCY = 4  # worker processes: keeps 2 cores busy while each waits on SMTP and commits
 WORKER_RESTART_DELAY = 1.0  # seconds before replacing a worker that died
-QUEUE_CHANNEL = "mailqueue_queue"
+QUEUE_CHANNEL = "mailqueue_queue"             # rung when rows enter the queue
+BACKLOG_CHANNEL = "mailqueue_queue_backlog"   # rung by a worker that claimed a full batch
 MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -50,9 +51,10 @@ Job = collections.namedtuple(
 
 
 class Consumer:
-    def __init__(self, config, stop):
+    def __init__(self, config, stop, team=None):
         self.config = config
         self.stop = stop
+        self.team = team  # shared with sibling worker processes, if any
         self.composer = mail.Composer(config.smtp)
         self.sender = mail.Sender(config.smtp)
         self.listen_conn = self.claim_conn = self.record_conn = None
@@ -67,7 +69,8 @@ class Consumer:
     def serve(self, drain_only):
         try:
             self.open_connections()
-            for _ in doorbell.wakeups(self.listen_conn, QUEUE_CHANNEL, POLL_INTERVAL, self.stop):
+            channel = self.team.channel() if self.team else QUEUE_CHANNEL
+            for _ in doorbell.wakeups(self.listen_conn, channel, POLL_INTERVAL, self.stop):
                 self.drain()
                 if drain_only and not self.stop.requested and self.queue_is_empty():
                     return True
@@ -80,6 +83,8 @@ class Consumer:
         while not self.stop.requested:
             self.sender.connect()  # no claim while the SMTP server is unreachable
             batch = self.claim_batch()
+            if self.team and self.team.backlog(len(batch) == self.config.queue.batch_size):
+                self.record("ring_helpers")  # a full batch: call the other workers in
             if not batch:
                 self.claim_conn.rollback()
                 return
@@ -184,19 +189,41 @@ def retry_delay(attempts, queue_settings, rand=random.random):
     return min(base * (1 + 0.25 * rand()), queue_settings.max_retry_delay)
 
 
+class Team:
+    """What the worker processes of one consumer share. Only the first worker
+    LISTENs for new queue rows: were all of them woken by every notification,
+    they would race to claim one job and slow down the one who gets it (a
+    thundering herd). The others LISTEN on BACKLOG_CHANNEL, which a worker rings
+    when it claims a full batch, and they drain on every poll timeout too."""
+
+    def __init__(self, context):
+        self.help_wanted = context.Value("b", 0)
+        self.slot = None  # set in each worker
+
+    def channel(self):
+        return QUEUE_CHANNEL if self.slot == 0 else BACKLOG_CHANNEL
+
+    def backlog(self, full_batch):
+        """Note whether the last claim was full; True when help is newly wanted."""
+        newly = full_batch and not self.help_wanted.value
+        self.help_wanted.value = full_batch
+        return newly
+
+
 def run_workers(config, stop, count, drain_only):
     """Run `count` worker processes, each a Consumer sending one mail at a time.
     A worker that dies is replaced; SIGINT or SIGTERM stops them all gracefully,
     and workers stop by themselves if this process is killed."""
     context = multiprocessing.get_context("fork")
+    team = Team(context)
 
-    def start_worker():
+    def start_worker(slot):
         worker = context.Process(target=_worker_main, name="consumer-worker",
-                                 args=(config, drain_only, stop, os.getpid()))
+                                 args=(config, drain_only, stop, os.getpid(), team, slot))
         worker.start()
         return worker
 
-    workers = [start_worker() for _ in range(count)]
+    workers = [start_worker(slot) for slot in range(count)]
     try:
         while not stop.requested:
             running = [w for w in workers if w.exitcode is None]
@@ -211,7 +238,7 @@ def run_workers(config, stop, count, drain_only):
                 log.warning("worker %d exited with code %s; starting another",
                             worker.pid, worker.exitcode)
                 stop.sleep(WORKER_RESTART_DELAY)
-                workers[i] = start_worker()
+                workers[i] = start_worker(i)
     finally:
         for worker in workers:
             if worker.exitcode is None:
@@ -220,11 +247,12 @@ def run_workers(config, stop, count, drain_only):
             worker.join()
 
 
-def _worker_main(config, drain_only, stop, parent):
+def _worker_main(config, drain_only, stop, parent, team, slot):
     # `stop` is the parent's, copied by fork, and so is the handler bound to it:
     # a signal that came before this line is not lost.
     stop.parent = parent
-    Consumer(config, stop).run(drain_only)
+    team.slot = slot
+    Consumer(config, stop, team).run(drain_only)
 
 
 def main(argv=None):

@@ -25,13 +25,13 @@ JOBS_CHANNEL = "mailqueue_jobs"
 
 
 def move_ready_jobs(conn, batch_size):
-    """Queue every job that is ready now, batch_size per transaction; return how many."""
+    """Queue every job that is ready now, batch_size per statement (each its own
+    transaction: `conn` is in autocommit mode); return how many."""
     total = 0
     while True:
         with conn.cursor() as cur:
             cur.execute(db.QUERIES["move_ready_jobs"], {"limit": batch_size})
             moved = cur.rowcount
-        conn.commit()
         total += moved
         if moved < batch_size:
             return total
@@ -50,7 +50,7 @@ class Producer:
         try:
             listen_conn = db.connect(self.config.database, "mailqueue producer (listen)",
                                      autocommit=True)
-            conn = db.connect(self.config.database, "mailqueue producer")
+            conn = db.connect(self.config.database, "mailqueue producer", autocommit=True)
             for _ in doorbell.wakeups(listen_conn, JOBS_CHANNEL, POLL_INTERVAL, self.stop):
                 moved = move_ready_jobs(conn, self.config.queue.producer_batch_size)
                 if moved:
@@ -74,7 +74,7 @@ def main(argv=None):
     if args.once:
         conn = None
         try:
-            conn = db.connect(config.database, "mailqueue producer")
+            conn = db.connect(config.database, "mailqueue producer", autocommit=True)
             moved = move_ready_jobs(conn, config.queue.producer_batch_size)
         except db.DatabaseUnavailable as exc:
             raise SystemExit("error: %s" % exc) from None

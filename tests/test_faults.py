@@ -303,6 +303,7 @@ def test_unexpected_error_on_one_job_does_not_stop_the_worker(
     consumer.composer.build = build
     from producer import move_ready_jobs
     conn = psycopg2.connect(postgres.dsn(database))
+    conn.autocommit = True
     move_ready_jobs(conn, 100)
     conn.close()
     consumer.run(drain_only=True)
