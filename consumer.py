@@ -41,6 +41,7 @@ log = logging.getLogger("consumer")
 POLL_INTERVAL = 2.0  # seconds: the longest a consumer waits without looking at the queue
 DEFAULT_CONCURRENCY = 4  # worker processes: keeps 2 cores busy while each waits on SMTP and commits
 WORKER_RESTART_DELAY = 1.0  # seconds before replacing a worker that died
+DRAIN_RECHECK = 0.05  # seconds: --drain looks this often at rows other consumers hold
 QUEUE_CHANNEL = "mailqueue_queue"             # rung when rows enter the queue
 BACKLOG_CHANNEL = "mailqueue_queue_backlog"   # rung by a worker that claimed a full batch
 MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
@@ -72,7 +73,12 @@ class Consumer:
             channel = self.team.channel() if self.team else QUEUE_CHANNEL
             for _ in doorbell.wakeups(self.listen_conn, channel, POLL_INTERVAL, self.stop):
                 self.drain()
-                if drain_only and not self.stop.requested and self.queue_is_empty():
+                if drain_only:
+                    # What is left is held by other consumers: it goes when they
+                    # commit, or comes back for us if they die.
+                    while not self.stop.requested and not self.queue_is_empty():
+                        self.stop.sleep(DRAIN_RECHECK)
+                        self.drain()
                     return True
             return True  # stop requested
         finally:
@@ -86,15 +92,21 @@ class Consumer:
             if self.team and self.team.backlog(len(batch) == self.config.queue.batch_size):
                 self.record("ring_helpers")  # a full batch: call the other workers in
             if not batch:
-                self.claim_conn.rollback()
+                self.end_claim("release_batch")
                 return
             self.send_batch(batch)
 
     def claim_batch(self):
-        """Lock and delete up to batch_size queue rows (uncommitted: see step 2)."""
+        """Lock and delete up to batch_size queue rows, in a transaction that stays
+        open (step 2). BEGIN is part of the query, saving a round trip."""
         with self.claim_conn.cursor() as cur:
             cur.execute(db.QUERIES["claim_batch"], {"limit": self.config.queue.batch_size})
             return [Job(*row) for row in cur.fetchall()]
+
+    def end_claim(self, query):
+        """finish_batch (COMMIT) or release_batch (ROLLBACK) the claim's transaction."""
+        with self.claim_conn.cursor() as cur:
+            cur.execute(db.QUERIES[query])
 
     def send_batch(self, batch):
         try:
@@ -103,16 +115,16 @@ class Consumer:
                     break
                 self.process(job)
             else:
-                self.claim_conn.commit()  # step 4: the batch's queue rows are gone
+                self.end_claim("finish_batch")  # step 4: the batch's queue rows are gone
                 return
             # Stopping: put the unsent rows back and tell the other consumers.
             # (Rows of jobs already recorded come back too; as their status is
             # no longer 'queued', whoever claims them drops them unsent.)
-            self.claim_conn.rollback()
+            self.end_claim("release_batch")
             self.record("ring_consumers")
         except BaseException:
             if not self.claim_conn.closed:
-                self.claim_conn.rollback()
+                self.end_claim("release_batch")
             raise
 
     def process(self, job):
@@ -164,14 +176,13 @@ class Consumer:
     def queue_is_empty(self):
         with self.claim_conn.cursor() as cur:
             cur.execute(db.QUERIES["queue_is_empty"])
-            empty = cur.fetchone()[0]
-        self.claim_conn.rollback()
-        return empty
+            return cur.fetchone()[0]
 
     def open_connections(self):
         settings = self.config.database
         self.listen_conn = db.connect(settings, "mailqueue consumer (listen)", autocommit=True)
-        self.claim_conn = db.connect(settings, "mailqueue consumer (claim)")
+        # autocommit: the claim's transaction is begun and ended by its queries
+        self.claim_conn = db.connect(settings, "mailqueue consumer (claim)", autocommit=True)
         self.record_conn = db.connect(settings, "mailqueue consumer (record)", autocommit=True)
 
     def close_connections(self):

@@ -29,10 +29,12 @@ RETURNING queue_id;
 
 -- claim_batch --
 -- Consumer: take up to %(limit)s queue rows no other consumer holds, oldest
--- first. The DELETE stays uncommitted while the batch is sent, so the row locks
--- are held until then: if this consumer dies, its transaction rolls back and the
--- rows are back in the queue at once, for another consumer to take.
--- The job's status comes along: only a 'queued' job is sent (see consumer.py).
+-- first. The transaction begun here stays open while the batch is sent, so the
+-- DELETE's row locks are held until finish_batch: if this consumer dies, its
+-- transaction rolls back and the rows are back in the queue at once, for
+-- another consumer to take. The job's status comes along: only a 'queued' job
+-- is sent (see consumer.py).
+BEGIN;
 WITH next AS (
   SELECT queue_id
     FROM queue
@@ -50,6 +52,14 @@ SELECT claimed.queue_id, claimed.job_id, jobs.status, jobs.email, jobs.subject,
   FROM claimed
   LEFT JOIN jobs ON jobs.job_id = claimed.job_id
  ORDER BY claimed.queue_id;
+
+-- finish_batch --
+-- Consumer, every mail of the batch recorded: the queue rows are gone for good.
+COMMIT;
+
+-- release_batch --
+-- Consumer, stopping mid-batch or failing: the rows not yet finished are back.
+ROLLBACK;
 
 -- queue_is_empty --
 -- Consumer --drain: true when no queue row is left, held by anyone or not.
