@@ -227,6 +227,7 @@ def run_workers(config, stop, count, drain_only):
     and workers stop by themselves if this process is killed."""
     context = multiprocessing.get_context("fork")
     team = Team(context)
+    stop.share(context)
 
     def start_worker(slot):
         worker = context.Process(target=_worker_main, name="consumer-worker",
@@ -240,7 +241,7 @@ def run_workers(config, stop, count, drain_only):
             running = [w for w in workers if w.exitcode is None]
             if drain_only and not running and all(w.exitcode == 0 for w in workers):
                 return
-            multiprocessing.connection.wait([w.sentinel for w in running], timeout=0.5)
+            multiprocessing.connection.wait([w.sentinel for w in running], timeout=0.2)
             for i, worker in enumerate(workers):
                 if worker.exitcode is None or (drain_only and worker.exitcode == 0):
                     continue

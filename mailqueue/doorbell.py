@@ -26,28 +26,37 @@ RECONNECT_DELAY_MAX = 30.0  # seconds: the wait doubles up to this
 class Stop:
     """Set by SIGINT or SIGTERM; the loops check it between units of work.
 
-    With `parent`, a worker process also stops once that parent is gone."""
+    In a worker process (`parent` set), it is also set once the parent asks
+    (through shared memory, see share()) or is gone."""
 
-    def __init__(self, parent=None):
+    def __init__(self):
         self._requested = False
-        self.parent = parent
+        self.parent = None
+        self._shared = None
+
+    def share(self, context):
+        """Before forking workers: let them see at once when this process stops."""
+        self._shared = context.Value("b", 0, lock=False)
 
     @property
     def requested(self):
-        if self.parent is not None and os.getppid() != self.parent:
-            self._requested = True
+        if self.parent is not None and not self._requested:
+            if os.getppid() != self.parent or (self._shared is not None and self._shared.value):
+                self._requested = True
         return self._requested
 
     @requested.setter
     def requested(self, value):
         self._requested = value
+        if value and self.parent is None and self._shared is not None:
+            self._shared.value = 1
 
     def install(self):
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
-        if not self.requested:
+        if not self._requested:
             log.info("%s received: finishing the mail in hand, then stopping",
                      signal.Signals(signum).name)
         self.requested = True

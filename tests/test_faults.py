@@ -101,9 +101,9 @@ def test_killed_worker_is_replaced_and_workers_of_a_killed_consumer_stop_by_them
 def test_sigterm_finishes_the_mail_in_hand_releases_the_rest_and_exits_0(
         db, smtp, make_config, scripts):
     async def slow(envelope):
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
     smtp.behaviour = slow
-    emails = addresses(100)
+    emails = addresses(200)
     queue_jobs(db, emails)
     config = make_config()
     assert scripts.run("producer.py", "--config", config, "--once").returncode == 0
@@ -115,8 +115,8 @@ def test_sigterm_finishes_the_mail_in_hand_releases_the_rest_and_exits_0(
     took = time.monotonic() - stopping
     assert took < 10, "within the SMTP timeout"
     sent = len(smtp.received)
-    assert sent < 100, "it stopped taking work"
-    assert status_counts(db) == {"completed": sent, "queued": 100 - sent}, "nothing in limbo"
+    assert sent < 200, "it stopped taking work"
+    assert status_counts(db) == {"completed": sent, "queued": 200 - sent}, "nothing in limbo"
 
     smtp.behaviour = None
     assert scripts.run("consumer.py", "--config", config, "--drain").returncode == 0
