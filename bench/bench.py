@@ -30,7 +30,8 @@ import psycopg2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mailqueue.devservers import SmtpSink, ThrowawayPostgres, apply_schema, free_port  # noqa
+from mailqueue.devservers import (  # noqa: E402
+    SmtpSink, ThrowawayPostgres, apply_schema, free_port, run_sql)
 
 BODY = ("Kính gửi quý khách, đơn hàng của bạn đã được xác nhận và sẽ được giao trong "
         "hai ngày làm việc. Cảm ơn bạn đã mua sắm cùng chúng tôi! ") * 7  # ~1 KB of UTF-8
@@ -96,10 +97,7 @@ class Lab:
         self.count = 0
 
     def admin(self, sql):
-        conn = psycopg2.connect(self.pg.dsn())
-        conn.autocommit = True
-        conn.cursor().execute(sql)
-        conn.close()
+        run_sql(self.pg.dsn(), sql)
 
     def fresh(self, smtp_port=None):
         """A new database from the template; (connection, config path)."""

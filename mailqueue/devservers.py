@@ -94,13 +94,7 @@ class ThrowawayPostgres:
         return os.path.join(self.folder, "data")
 
     def version(self):
-        conn = psycopg2.connect(self.dsn())
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SHOW server_version")
-                return cur.fetchone()[0]
-        finally:
-            conn.close()
+        return run_sql(self.dsn(), "SHOW server_version")[0][0]
 
     def dsn(self, database="postgres"):
         return "host=127.0.0.1 port=%d user=postgres dbname=%s" % (self.port, database)
@@ -128,18 +122,23 @@ class ThrowawayPostgres:
         self.stop()
 
 
-def apply_schema(dsn, path=None):
-    """Run sql/schema.sql as one script, as pgAdmin's Query Tool or psql would."""
-    path = path or os.path.join(os.path.dirname(os.path.dirname(__file__)), "sql", "schema.sql")
-    with open(path, encoding="utf-8") as f:
-        script = f.read()
+def run_sql(dsn, sql, params=None):
+    """Run `sql` on a connection of its own, in autocommit; the rows, if any."""
     conn = psycopg2.connect(dsn)
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
-            cur.execute(script)
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else None
     finally:
         conn.close()
+
+
+def apply_schema(dsn, path=None):
+    """Run sql/schema.sql as one script, as pgAdmin's Query Tool or psql would."""
+    path = path or os.path.join(os.path.dirname(os.path.dirname(__file__)), "sql", "schema.sql")
+    with open(path, encoding="utf-8") as f:
+        run_sql(dsn, f.read())
 
 
 class SmtpSink:

@@ -18,7 +18,7 @@ import psycopg2.extensions
 import pytest
 
 from helpers import ROOT
-from mailqueue.devservers import SmtpSink, ThrowawayPostgres, apply_schema
+from mailqueue.devservers import SmtpSink, ThrowawayPostgres, apply_schema, run_sql
 
 PREFIX = "mailqueue_test_"
 
@@ -43,13 +43,7 @@ class PostgresServer:
         return psycopg2.extensions.make_dsn(self.admin_dsn, dbname=database)
 
     def admin(self, sql):
-        conn = psycopg2.connect(self.admin_dsn)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql)
-        finally:
-            conn.close()
+        run_sql(self.admin_dsn, sql)
 
     def create_database(self, template=None):
         name = PREFIX + uuid.uuid4().hex[:12]
