@@ -16,6 +16,13 @@ How it works; the whole pattern is in this file:
    the job's status: completed, failed (retried later), or dead (given up).
 4. The claim is committed last; the queue rows are then gone for good.
 
+Durability: only the outcome records (step 3) wait for the disk. The producer's
+moves and the claims' commits do not (synchronous_commit off): the WAL is one
+sequence, so whenever an outcome is on disk, so is everything committed before
+it. A database crash can thus only undo moves and claims of mails whose outcome
+was not yet recorded: such jobs come back as 'available', or their queue rows
+come back and are dropped unsent if the job already finished.
+
 Delivery guarantee: at least once. A mail is sent twice only if the consumer
 sending it, or its database connection, died after the SMTP server accepted it
 and before step 3 committed: at most one duplicate per mail in flight, which is
@@ -182,7 +189,8 @@ class Consumer:
         settings = self.config.database
         self.listen_conn = db.connect(settings, "mailqueue consumer (listen)", autocommit=True)
         # autocommit: the claim's transaction is begun and ended by its queries
-        self.claim_conn = db.connect(settings, "mailqueue consumer (claim)", autocommit=True)
+        self.claim_conn = db.connect(settings, "mailqueue consumer (claim)", autocommit=True,
+                                     wait_for_flush=False)
         self.record_conn = db.connect(settings, "mailqueue consumer (record)", autocommit=True)
 
     def close_connections(self):

@@ -50,7 +50,8 @@ class Producer:
         try:
             listen_conn = db.connect(self.config.database, "mailqueue producer (listen)",
                                      autocommit=True)
-            conn = db.connect(self.config.database, "mailqueue producer", autocommit=True)
+            conn = db.connect(self.config.database, "mailqueue producer", autocommit=True,
+                              wait_for_flush=False)
             for _ in doorbell.wakeups(listen_conn, JOBS_CHANNEL, POLL_INTERVAL, self.stop):
                 moved = move_ready_jobs(conn, self.config.queue.producer_batch_size)
                 if moved:

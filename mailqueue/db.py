@@ -35,10 +35,15 @@ class DatabaseUnavailable(Exception):
     """The database cannot be reached; the message is one line without the password."""
 
 
-def connect(database_settings, application_name, autocommit=False):
-    """A new connection with keepalives, or DatabaseUnavailable."""
+def connect(database_settings, application_name, autocommit=False, wait_for_flush=True):
+    """A new connection with keepalives, or DatabaseUnavailable.
+
+    wait_for_flush=False sets synchronous_commit off: a commit returns before its
+    WAL reaches the disk. Only for writes that a crash may undo harmlessly: the
+    producer's moves and the consumer's claims (see consumer.py, "Durability")."""
+    options = {} if wait_for_flush else {"options": "-c synchronous_commit=off"}
     try:
-        conn = psycopg2.connect(application_name=application_name,
+        conn = psycopg2.connect(application_name=application_name, **options,
                                 **_CONNECT_OPTIONS, **database_settings)
     except psycopg2.Error as exc:
         raise DatabaseUnavailable(describe(exc, database_settings)) from None

@@ -52,8 +52,9 @@ def _unprivileged_prefix(folder):
 
 
 class ThrowawayPostgres:
-    def __init__(self, settings=("fsync=off", "synchronous_commit=off",
-                                 "full_page_writes=off", "max_connections=200")):
+    # Fast for tests: no fsync (an OS crash would lose data, a server crash would
+    # not). synchronous_commit stays on, so a crash test means what it says.
+    def __init__(self, settings=("fsync=off", "full_page_writes=off", "max_connections=200")):
         self.settings = settings
         self.folder = None
         self.port = None
@@ -80,9 +81,10 @@ class ThrowawayPostgres:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 
-    def restart(self):
-        """Stop fast (every connection is closed) and start again on the same port."""
-        self._pg_ctl("restart", "-m", "fast")
+    def restart(self, mode="fast"):
+        """Stop (fast: connections closed, all flushed; immediate: as in a crash,
+        recovered from the WAL at start) and start again on the same port."""
+        self._pg_ctl("restart", "-m", mode)
 
     def _pg_ctl(self, action, *args):
         options = " ".join(["-h 127.0.0.1", "-p %d" % self.port, "-k %s" % self.folder]

@@ -123,7 +123,9 @@ def test_sigterm_finishes_the_mail_in_hand_releases_the_rest_and_exits_0(
     assert_every_job_completed_once(db, smtp, emails)
 
 
-def test_postgres_restart_mid_run_loses_nothing(postgres, database, smtp, make_config, scripts):
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_postgres_restart_or_crash_mid_run_loses_nothing(mode, postgres, database, smtp,
+                                                         make_config, scripts):
     if postgres.throwaway is None:
         pytest.skip("restarts only the suite's own throwaway server, never TEST_DATABASE_URL's")
     async def slow(envelope):
@@ -141,7 +143,7 @@ def test_postgres_restart_mid_run_loses_nothing(postgres, database, smtp, make_c
     smtp.wait_for(200)
 
     restarted = time.monotonic()
-    postgres.throwaway.restart()
+    postgres.throwaway.restart(mode)
     db = connect()
     db.autocommit = True
     wait_until(lambda: len(listeners(db)) == 5, what="all four workers and the producer to LISTEN")
@@ -149,6 +151,7 @@ def test_postgres_restart_mid_run_loses_nothing(postgres, database, smtp, make_c
     queue_jobs(db, after)  # reaches them only if they listen and produce again
 
     assert_every_job_completed_once(db, smtp, before + after, max_duplicates=4)  # one per worker
+    print("%s restart: %d duplicated, 0 lost, of %d" % (mode, duplicates(smtp), 1100))
     for proc in consumers + [producer]:
         assert scripts.stop(proc) == 0
         assert "trying again" in scripts.log_of(proc)
