@@ -215,24 +215,26 @@ def latency(lab, rate, seconds, history=0):
         add_history(conn, history)
     procs = [subprocess.Popen(script("consumer.py", "--config", config)),
              subprocess.Popen(script("producer.py", "--config", config))]
-    wait_listening(conn, 4 + 1)  # the consumer's default 4 workers, and the producer
     committed = {}
-    cur = conn.cursor()
-    started = time.monotonic()
-    for i in range(int(rate * seconds)):
-        address = "lat%d@example.com" % i
-        cur.execute("INSERT INTO jobs (email, subject, content_message) VALUES (%s, %s, %s)",
-                    (address, "Độ trễ", BODY))
-        committed[address] = time.time()
-        pause = started + (i + 1) / rate - time.monotonic()  # pacing the load, not syncing
-        if pause > 0:
-            time.sleep(pause)
-    deadline = time.monotonic() + 30
-    while pending(conn) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-        p.wait()
+    try:
+        wait_listening(conn, 4 + 1)  # the consumer's default 4 workers, and the producer
+        cur = conn.cursor()
+        started = time.monotonic()
+        for i in range(int(rate * seconds)):
+            address = "lat%d@example.com" % i
+            cur.execute("INSERT INTO jobs (email, subject, content_message) "
+                        "VALUES (%s, %s, %s)", (address, "Độ trễ", BODY))
+            committed[address] = time.time()
+            pause = started + (i + 1) / rate - time.monotonic()  # pacing the load
+            if pause > 0:
+                time.sleep(pause)
+        deadline = time.monotonic() + 30
+        while pending(conn) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            p.wait()
     ours.send("stop")
     arrivals = ours.recv()
     sink.join()
@@ -257,16 +259,18 @@ def memory(lab, count):
     subprocess.run(script("producer.py", "--config", config, "--once"), check=True)
     proc = subprocess.Popen(script("consumer.py", "--config", config, "--concurrency", "1"))
     early = late = None
-    while True:
-        left = pending(conn)
-        if early is None and count - left >= 1000:
-            early = rss_mb(proc.pid)
-        if left <= 20:  # the last batch: nearly all sent, and the process still up
-            late = rss_mb(proc.pid)
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait()
+    try:
+        while True:
+            left = pending(conn)
+            if early is None and count - left >= 1000:
+                early = rss_mb(proc.pid)
+            if left <= 20:  # the last batch: nearly all sent, and the process still up
+                late = rss_mb(proc.pid)
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
     conn.close()
     return early, late
 
