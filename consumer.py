@@ -1,13 +1,15 @@
 """Send the mails waiting in the `queue` table.
 
-    python consumer.py [--config config.json] [--drain]
+    python consumer.py [--config config.json] [--drain] [--concurrency N]
 
-How it works; the whole pattern is in this file:
+It runs N worker processes (run_workers); each is a Consumer, and this is how
+one works; the whole pattern is in this file:
 
 1. LISTEN on the channel `mailqueue_queue`, on a connection of its own. The
    schema's trigger rings it whenever rows enter `queue`. A notification is only
    a doorbell: start-up, every notification and every POLL_INTERVAL timeout run
    the same drain(), so a lost notification delays a mail, never strands it.
+   (Only the first worker listens there; the others listen for a backlog: Team.)
 2. drain() claims a batch of queue rows with FOR UPDATE SKIP LOCKED
    (sql/queries.sql, claim_batch): consumers never wait for each other and never
    take the same row. The claim DELETEs the rows in a transaction that stays
@@ -23,10 +25,11 @@ it. A database crash can thus only undo moves and claims of mails whose outcome
 was not yet recorded: such jobs come back as 'available', or their queue rows
 come back and are dropped unsent if the job already finished.
 
-Delivery guarantee: at least once. A mail is sent twice only if the consumer
+Delivery guarantee: at least once. A mail is sent twice only if the worker
 sending it, or its database connection, died after the SMTP server accepted it
 and before step 3 committed: at most one duplicate per mail in flight, which is
-one per killed consumer. Rows of the batch not yet sent go back to the queue at
+one per killed worker (workers whose consumer was killed finish their mail and
+stop: none). Rows of the batch not yet sent go back to the queue at
 once when the claiming transaction dies; jobs already recorded are never resent,
 because a job is only sent while its status is 'queued'.
 """
