@@ -117,7 +117,7 @@ def encode_header_text(text):
     return "\r\n ".join(base64mime.header_encode(w.encode("utf-8"), "utf-8") for w in words)
 
 
-_WORD_BYTES = 45  # 60 characters of base64, plus =?utf-8?b??= makes 72 <= 75
+_WORD_BYTES = 42  # 56 characters of base64 + 12 of =?utf-8?b??= : lines stay within 78
 _date_cache = [0, ""]
 
 

@@ -141,3 +141,13 @@ def test_fast_path_agrees_with_email_validator(address):
     except addresses.BadAddress:
         got = None
     assert got == expected
+
+
+def test_long_unicode_subject_is_folded_into_short_encoded_words_and_reads_back():
+    subject = "Thông báo về đơn hàng của quý khách — chữ có dấu ắ ằ ẳ ẵ ặ " * 8
+    subject = subject[:480]
+    mail = build(subject=subject)
+    head = mail.data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert all(len(line) <= 78 for line in head)
+    message = email.message_from_bytes(mail.data, policy=email.policy.default)
+    assert message["Subject"] == subject
