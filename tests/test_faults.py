@@ -222,6 +222,8 @@ def test_smtp_server_down_for_a_while_burns_no_attempt_and_loses_nothing(
 
     emails = addresses(50)
     queue_jobs(db, emails)
+    wait_until(lambda: status_counts(db) == {"completed": 1, "queued": 50},
+               what="the producer to queue them")
     wait_until(lambda: scripts.log_of(consumer).count("cannot reach SMTP server") >= 2,
                what="the consumer to notice, and keep trying")
     assert status_counts(db) == {"completed": 1, "queued": 50}
