@@ -8,8 +8,8 @@ It starts a throwaway PostgreSQL (default settings: fsync and synchronous_commit
 on, as in production) and Postfix's smtp-sink, a fast SMTP sink written in C
 (installed from Debian's postfix package if missing and this runs as root), and
 measures the sink's own ceiling first so that it is shown not to be the limit.
-For latency, a second smtp-sink writes each mail to a file: its modification
-time is when the mail arrived.
+Latency is measured with an aiosmtpd sink in its own process, which records when
+each mail arrives.
 """
 
 import argparse
@@ -23,7 +23,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import psycopg2
@@ -32,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mailqueue.devservers import (  # noqa: E402
-    ThrowawayPostgres, apply_schema, free_port, run_sql)
+    SmtpSink, ThrowawayPostgres, apply_schema, free_port, run_sql)
 
 BODY = ("Kính gửi quý khách, đơn hàng của bạn đã được xác nhận và sẽ được giao trong "
         "hai ngày làm việc. Cảm ơn bạn đã mua sắm cùng chúng tôi! ") * 7  # ~1 KB of UTF-8
@@ -41,9 +40,8 @@ PG_SETTINGS = ("max_connections=300",)
 
 # --------------------------------------------------------------------------- servers
 
-def start_smtp_sink(dump_to=None):
-    """Postfix's smtp-sink on a free port; (port, process). With `dump_to`, it
-    writes each mail to a file of its own there (for arrival times)."""
+def start_smtp_sink():
+    """Postfix's smtp-sink on a free port; (port, process)."""
     path = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
     if not os.path.exists(path) and os.geteuid() == 0 and shutil.which("apt-get"):
         print("Installing Debian's postfix for smtp-sink ...", flush=True)
@@ -57,12 +55,7 @@ def start_smtp_sink(dump_to=None):
         raise SystemExit("error: smtp-sink not found; install Debian's postfix package")
     port = free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    dump = []
-    if dump_to:
-        os.makedirs(dump_to)
-        os.chmod(dump_to, 0o777)  # smtp-sink writes as nobody
-        dump = ["-d", os.path.join(dump_to, "mail.")]
-    proc = subprocess.Popen([path] + user + dump + ["-8", "127.0.0.1:%d" % port, "1000"])
+    proc = subprocess.Popen([path] + user + ["-8", "127.0.0.1:%d" % port, "1000"])
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -194,13 +187,29 @@ def burn_down(lab, count, command, history=0):
     return count / elapsed
 
 
+def _latency_sink(port, conn):
+    """In its own process: an aiosmtpd sink recording arrival times."""
+    arrivals = {}
+
+    def record(envelope):
+        arrivals[envelope.rcpt_tos[0]] = time.time()
+    sink = SmtpSink(behaviour=record)
+    sink.port = port
+    sink.start()
+    conn.send("ready")
+    conn.recv()  # until told to stop
+    sink.stop()
+    conn.send(arrivals)
+
+
 def latency(lab, rate, seconds, history=0):
     """Insert jobs at `rate` per second, one transaction each, with producer and
-    consumer running; time from each INSERT's commit to the mail's arrival (when
-    smtp-sink finished writing it to its file). (p50, p99) ms."""
-    dump = tempfile.mkdtemp(prefix="mailqueue-bench-")
-    os.chmod(dump, 0o755)  # smtp-sink, running as nobody, must reach the folder in it
-    port, sink = start_smtp_sink(dump_to=os.path.join(dump, "mails"))
+    consumer running; time from each INSERT's commit to the mail's arrival. (p50, p99) ms."""
+    port = free_port()
+    ours, theirs = multiprocessing.Pipe()
+    sink = multiprocessing.Process(target=_latency_sink, args=(port, theirs))
+    sink.start()
+    ours.recv()
     conn, config = lab.fresh(smtp_port=port)
     if history:
         add_history(conn, history)
@@ -226,18 +235,10 @@ def latency(lab, rate, seconds, history=0):
         for p in procs:
             p.send_signal(signal.SIGTERM)
             p.wait()
-    sink.kill()
+    ours.send("stop")
+    arrivals = ours.recv()
+    sink.join()
     conn.close()
-    arrivals = {}
-    for name in os.listdir(os.path.join(dump, "mails")):
-        path = os.path.join(dump, "mails", name)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("X-Rcpt-Args: <"):
-                    arrivals[line[len("X-Rcpt-Args: <"):].split(">")[0]] = (
-                        os.stat(path).st_mtime_ns / 1e9)
-                    break
-    shutil.rmtree(dump)
     delays = sorted((arrivals[a] - t) * 1000 for a, t in committed.items() if a in arrivals)
     if len(delays) != len(committed):
         raise SystemExit("error: %d of %d mails arrived" % (len(delays), len(committed)))
