@@ -9,6 +9,7 @@ SmtpSink is aiosmtpd on 127.0.0.1, keeping what it receives in memory and, if
 asked, in a Maildir; `behaviour` can make it refuse or fail mails.
 """
 
+import atexit
 import importlib.util
 import inspect
 import os
@@ -69,6 +70,7 @@ class ThrowawayPostgres:
                    "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C.UTF-8"])
         self.port = free_port()
         self._pg_ctl("start")
+        atexit.register(self.stop)  # even if the caller forgets, or fails first
         return self
 
     def stop(self):
