@@ -109,14 +109,12 @@ class Consumer:
     def claim_batch(self):
         """Lock and delete up to batch_size queue rows, in a transaction that stays
         open (step 2). BEGIN is part of the query, saving a round trip."""
-        with self.claim_conn.cursor() as cur:
-            cur.execute(db.QUERIES["claim_batch"], {"limit": self.config.queue.batch_size})
-            return [Job(*row) for row in cur.fetchall()]
+        rows = db.run(self.claim_conn, "claim_batch", limit=self.config.queue.batch_size)
+        return [Job(*row) for row in rows]
 
     def end_claim(self, query):
         """finish_batch (COMMIT) or release_batch (ROLLBACK) the claim's transaction."""
-        with self.claim_conn.cursor() as cur:
-            cur.execute(db.QUERIES[query])
+        db.run(self.claim_conn, query)
 
     def send_batch(self, batch):
         try:
@@ -180,13 +178,10 @@ class Consumer:
         """Run one recording query on the autocommit connection: durable at once."""
         if "error" in params:  # for people, and PostgreSQL text cannot hold NUL
             params["error"] = _CONTROL.sub(" ", params["error"])[:MAX_ERROR_CHARS]
-        with self.record_conn.cursor() as cur:
-            cur.execute(db.QUERIES[query], params)
+        db.run(self.record_conn, query, **params)
 
     def queue_is_empty(self):
-        with self.claim_conn.cursor() as cur:
-            cur.execute(db.QUERIES["queue_is_empty"])
-            return cur.fetchone()[0]
+        return db.run(self.claim_conn, "queue_is_empty")[0][0]
 
     def open_connections(self):
         settings = self.config.database

@@ -29,9 +29,7 @@ def move_ready_jobs(conn, batch_size):
     transaction: `conn` is in autocommit mode); return how many."""
     total = 0
     while True:
-        with conn.cursor() as cur:
-            cur.execute(db.QUERIES["move_ready_jobs"], {"limit": batch_size})
-            moved = cur.rowcount
+        moved = db.run(conn, "move_ready_jobs", limit=batch_size)
         total += moved
         if moved < batch_size:
             return total

@@ -32,9 +32,7 @@ def check_database(config):
     except db.DatabaseUnavailable as exc:
         raise SystemExit("error: cannot connect to the %s" % exc) from None
     try:
-        with conn.cursor() as cur:
-            cur.execute(db.QUERIES["schema_ready"])
-            ready = cur.fetchone()[0]
+        ready = db.run(conn, "schema_ready")[0][0]
     finally:
         db.close_quietly(conn)
     if not ready:

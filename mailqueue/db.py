@@ -31,6 +31,14 @@ def load_queries(path=os.path.join(SQL_DIR, "queries.sql")):
 QUERIES = load_queries()
 
 
+def run(conn, name, **params):
+    """Run the query `name` of sql/queries.sql; its rows, or for a statement that
+    returns none, how many rows it changed."""
+    with conn.cursor() as cur:
+        cur.execute(QUERIES[name], params or None)
+        return cur.fetchall() if cur.description else cur.rowcount
+
+
 class DatabaseUnavailable(Exception):
     """The database cannot be reached; the message is one line without the password."""
 

@@ -24,8 +24,7 @@ WITH ready AS (
   RETURNING jobs.job_id
 )
 INSERT INTO queue (job_id)
-SELECT job_id FROM moved ORDER BY job_id
-RETURNING queue_id;
+SELECT job_id FROM moved ORDER BY job_id;
 
 -- claim_batch --
 -- Consumer: take up to %(limit)s queue rows no other consumer holds, oldest
