@@ -30,12 +30,55 @@ def load_queries(path=os.path.join(SQL_DIR, "queries.sql")):
 
 QUERIES = load_queries()
 
+# The queries run for every mail or batch: each connection PREPAREs them once, so
+# that the server parses and plans them once, not on every run.
+PREPARED = ("move_ready_jobs", "claim_batch", "mark_sent")
+
+_PARAMETER = re.compile(r"%\((\w+)\)s")
+_LEADING_COMMENTS = re.compile(r"\A(?:--[^\n]*\n)*")
+
+
+def prepared_forms(name, sql):
+    """(PREPARE statement, EXECUTE statement with %(name)s parameters) for the
+    query `name`. A leading BEGIN; stays in front of the EXECUTE."""
+    sql = _LEADING_COMMENTS.sub("", sql)
+    begin = ""
+    if sql.startswith("BEGIN;"):
+        begin, sql = "BEGIN; ", sql[len("BEGIN;"):].strip()
+    names = []
+
+    def number(match):
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return "$%d" % (names.index(match.group(1)) + 1)
+
+    prepare = "PREPARE %s AS %s" % (name, _PARAMETER.sub(number, sql))
+    arguments = "(%s)" % ", ".join("%%(%s)s" % n for n in names) if names else ""
+    return prepare, "%sEXECUTE %s%s" % (begin, name, arguments)
+
+
+_FORMS = {name: prepared_forms(name, QUERIES[name]) for name in PREPARED}
+
+
+class Connection(psycopg2.extensions.connection):
+    """A connection that knows which of the PREPARED queries it has prepared."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prepared = set()
+
 
 def run(conn, name, **params):
     """Run the query `name` of sql/queries.sql; its rows, or for a statement that
     returns none, how many rows it changed."""
     with conn.cursor() as cur:
-        cur.execute(QUERIES[name], params or None)
+        sql = QUERIES[name]
+        if name in _FORMS and isinstance(conn, Connection):
+            prepare, sql = _FORMS[name]
+            if name not in conn.prepared:
+                cur.execute(prepare)
+                conn.prepared.add(name)
+        cur.execute(sql, params or None)
         return cur.fetchall() if cur.description else cur.rowcount
 
 
@@ -52,6 +95,7 @@ def connect(database_settings, application_name, autocommit=False, wait_for_flus
     options = {} if wait_for_flush else {"options": "-c synchronous_commit=off"}
     try:
         conn = psycopg2.connect(application_name=application_name, **options,
+                                connection_factory=Connection,
                                 **_CONNECT_OPTIONS, **database_settings)
     except psycopg2.Error as exc:
         raise DatabaseUnavailable(describe(exc, database_settings)) from None

@@ -53,6 +53,9 @@ def test_killed_consumers_lose_no_job_and_duplicate_at_most_one_mail_each(
         consumers[victim] = scripts.start("consumer.py", *single)
 
     assert_every_job_completed_once(db, smtp, emails, max_duplicates=kills)
+    # The last consumer started may still be starting up: a SIGTERM before it
+    # installs its handler would end it by the default action, not by a clean stop.
+    wait_until(lambda: len(listeners(db)) == len(consumers) + 1, what="all to LISTEN")
     for proc in consumers + [producer]:
         assert scripts.stop(proc) == 0
     print("\n%d kills, %d duplicated mails, 0 lost, of %d" % (kills, duplicates(smtp), len(emails)))

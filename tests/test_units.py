@@ -9,6 +9,7 @@ import pytest
 from consumer import retry_delay
 from mailqueue import addresses, config as configuration
 from mailqueue.config import ConfigError, QueueSettings, SmtpSettings
+from mailqueue.db import prepared_forms
 from mailqueue.mail import BadMail, Composer
 
 CREATED = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.timezone.utc)
@@ -151,3 +152,11 @@ def test_long_unicode_subject_is_folded_into_short_encoded_words_and_reads_back(
     assert all(len(line) <= 78 for line in head)
     message = email.message_from_bytes(mail.data, policy=email.policy.default)
     assert message["Subject"] == subject
+
+
+def test_prepared_form_numbers_each_named_parameter_once_and_keeps_begin_in_front():
+    prepare, execute = prepared_forms(
+        "claim", "-- what it is for\nBEGIN;\nSELECT %(a)s, %(b)s WHERE x = %(a)s")
+    assert prepare == "PREPARE claim AS SELECT $1, $2 WHERE x = $1"
+    assert execute == "BEGIN; EXECUTE claim(%(a)s, %(b)s)"
+    assert prepared_forms("plain", "SELECT 1") == ("PREPARE plain AS SELECT 1", "EXECUTE plain")
