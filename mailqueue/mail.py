@@ -9,6 +9,7 @@ permanent (give up), and never puts a password into an error.
 """
 
 import base64
+import binascii
 import logging
 import re
 import smtplib
@@ -94,10 +95,17 @@ class Composer:
             'Content-Type: text/plain; charset="utf-8"\r\n',
             "Content-Transfer-Encoding: base64\r\n\r\n",
         ))
-        text = body.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
-        encoded = base64.encodebytes(text.encode("utf-8")).replace(b"\n", b"\r\n")
+        if "\r" in body:
+            body = body.replace("\r\n", "\n").replace("\r", "\n")
+        encoded = _base64_lines(body.replace("\n", "\r\n").encode("utf-8"))
         return Mail(job_id, self.envelope_sender, recipient.address, recipient.smtputf8,
                     self.from_line + head.encode("utf-8") + encoded)
+
+
+def _base64_lines(data):
+    """`data` in base64, in lines of 76 characters ending in CRLF (RFC 2045 6.8)."""
+    encoded = binascii.b2a_base64(data, newline=False)
+    return b"\r\n".join([encoded[i:i + 76] for i in range(0, len(encoded), 76)]) + b"\r\n"
 
 
 def encode_header_text(text):
@@ -105,6 +113,9 @@ def encode_header_text(text):
     characters each, never splitting a character), one per folded line."""
     if text.isascii():
         return text
+    raw = text.encode("utf-8")
+    if len(raw) <= _WORD_BYTES:  # the usual subject: one word
+        return "=?utf-8?b?%s?=" % binascii.b2a_base64(raw, newline=False).decode("ascii")
     words, chunk, size = [], [], 0
     for char in text:
         length = len(char.encode("utf-8"))
@@ -187,7 +198,10 @@ class Sender:
                 # connection gets one more try.
                 self.close()
                 self._envelope(mail)
-            self.connection.send(_DOT_AT_LINE_START.sub(b"..", mail.data) + b".\r\n")
+            data = mail.data
+            if data.startswith(b".") or b"\n." in data:  # never so for build()'s mails
+                data = _DOT_AT_LINE_START.sub(b"..", data)
+            self.connection.send(data + b".\r\n")
             code, reply = self.connection.getreply()
             if code != 250:
                 raise self._refused(code, reply, "mail refused")
