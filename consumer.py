@@ -9,7 +9,8 @@ one works; the whole pattern is in this file:
    schema's trigger rings it whenever rows enter `queue`. A notification is only
    a doorbell: start-up, every notification and every POLL_INTERVAL timeout run
    the same drain(), so a lost notification delays a mail, never strands it.
-   (Only the first worker listens there; the others listen for a backlog: Team.)
+   (Only a consumer's first worker listens; it calls the others in when there
+   is a backlog: Team.)
 2. drain() claims a batch of queue rows with FOR UPDATE SKIP LOCKED
    (sql/queries.sql, claim_batch): consumers never wait for each other and never
    take the same row. The claim DELETEs the rows in a transaction that stays
@@ -42,6 +43,7 @@ import multiprocessing.connection
 import os
 import random
 import re
+import select
 import signal
 
 from mailqueue import cli, db, doorbell, mail
@@ -52,8 +54,7 @@ POLL_INTERVAL = 2.0  # seconds: the longest a consumer waits without looking at 
 DEFAULT_CONCURRENCY = 4  # worker processes: keeps 2 cores busy while each waits on SMTP and commits
 WORKER_RESTART_DELAY = 1.0  # seconds before replacing a worker that died
 DRAIN_RECHECK = 0.05  # seconds: --drain looks this often at rows other consumers hold
-QUEUE_CHANNEL = "mailqueue_queue"             # rung when rows enter the queue
-BACKLOG_CHANNEL = "mailqueue_queue_backlog"   # rung by a worker that claimed a full batch
+QUEUE_CHANNEL = "mailqueue_queue"  # rung when rows enter the queue
 MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 
@@ -80,8 +81,12 @@ class Consumer:
     def serve(self, drain_only):
         try:
             self.open_connections()
-            channel = self.team.channel() if self.team else QUEUE_CHANNEL
-            for _ in doorbell.wakeups(self.listen_conn, channel, POLL_INTERVAL, self.stop):
+            if self.listens():
+                wakeups = doorbell.wakeups(self.listen_conn, QUEUE_CHANNEL, POLL_INTERVAL,
+                                           self.stop)
+            else:
+                wakeups = self.team.wakeups(POLL_INTERVAL, self.stop)
+            for _ in wakeups:
                 self.drain()
                 if drain_only:
                     # What is left is held by other consumers: it goes when they
@@ -99,8 +104,8 @@ class Consumer:
         while not self.stop.requested:
             self.sender.connect()  # no claim while the SMTP server is unreachable
             batch = self.claim_batch()
-            if self.team and self.team.backlog(len(batch) == self.config.queue.batch_size):
-                self.record("ring_helpers")  # a full batch: call the other workers in
+            if self.team:
+                self.team.note_backlog(len(batch) == self.config.queue.batch_size)
             if not batch:
                 self.end_claim("release_batch")
                 return
@@ -183,9 +188,15 @@ class Consumer:
     def queue_is_empty(self):
         return db.run(self.claim_conn, "queue_is_empty")[0][0]
 
+    def listens(self):
+        """Whether this worker LISTENs (see Team): a lone one, or a team's first."""
+        return self.team is None or self.team.slot == 0
+
     def open_connections(self):
         settings = self.config.database
-        self.listen_conn = db.connect(settings, "mailqueue consumer (listen)", autocommit=True)
+        if self.listens():
+            self.listen_conn = db.connect(settings, "mailqueue consumer (listen)",
+                                          autocommit=True)
         # autocommit: the claim's transaction is begun and ended by its queries
         self.claim_conn = db.connect(settings, "mailqueue consumer (claim)", autocommit=True,
                                      wait_for_flush=False)
@@ -210,21 +221,50 @@ class Team:
     """What the worker processes of one consumer share. Only the first worker
     LISTENs for new queue rows: were all of them woken by every notification,
     they would race to claim one job and slow down the one who gets it (a
-    thundering herd). The others LISTEN on BACKLOG_CHANNEL, which a worker rings
-    when it claims a full batch, and they drain on every poll timeout too."""
+    thundering herd), and each listening connection costs PostgreSQL a wake-up
+    on every NOTIFY in the database. The others wait on a pipe of their own,
+    which a worker that claims a full batch writes to (a backlog: help wanted),
+    and drain on every poll timeout too."""
 
-    def __init__(self, context):
+    def __init__(self, context, count):
         self.help_wanted = context.Value("b", 0)
+        self.bells = [os.pipe() for _ in range(count)]  # (read, write) per worker
+        for read, write in self.bells:
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
         self.slot = None  # set in each worker
 
-    def channel(self):
-        return QUEUE_CHANNEL if self.slot == 0 else BACKLOG_CHANNEL
-
-    def backlog(self, full_batch):
-        """Note whether the last claim was full; True when help is newly wanted."""
-        newly = full_batch and not self.help_wanted.value
+    def note_backlog(self, full_batch):
+        """After each claim: call the other workers in when a backlog begins."""
+        if full_batch and not self.help_wanted.value:
+            for slot, (_, write) in enumerate(self.bells):
+                if slot != self.slot:
+                    self.ring(write)
         self.help_wanted.value = full_batch
-        return newly
+
+    @staticmethod
+    def ring(write):
+        try:
+            os.write(write, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full: that worker has been rung already
+
+    def wakeups(self, poll_interval, stop):
+        """Like doorbell.wakeups, for the workers that do not LISTEN: yield at
+        start-up, when rung, and after poll_interval without a ring."""
+        read, write = self.bells[self.slot]
+        signal.set_wakeup_fd(write)  # a stop signal rings too
+        yield "start-up"
+        while not stop.requested:
+            rung, _, _ = select.select([read], [], [], poll_interval)
+            try:
+                while os.read(read, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            if stop.requested:
+                return
+            yield "backlog" if rung else "timeout"
 
 
 def run_workers(config, stop, count, drain_only):
@@ -232,7 +272,7 @@ def run_workers(config, stop, count, drain_only):
     A worker that dies is replaced; SIGINT or SIGTERM stops them all gracefully,
     and workers stop by themselves if this process is killed."""
     context = multiprocessing.get_context("fork")
-    team = Team(context)
+    team = Team(context, count)
     stop.share(context)
 
     def start_worker(slot):

@@ -8,8 +8,8 @@ It starts a throwaway PostgreSQL (default settings: fsync and synchronous_commit
 on, as in production) and Postfix's smtp-sink, a fast SMTP sink written in C
 (installed from Debian's postfix package if missing and this runs as root), and
 measures the sink's own ceiling first so that it is shown not to be the limit.
-Latency is measured with an aiosmtpd sink in its own process, which records when
-each mail arrives.
+Latency is measured with a minimal SMTP sink in its own process
+(bench/timing_sink.py), which records when each mail arrives.
 """
 
 import argparse
@@ -31,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mailqueue.devservers import (  # noqa: E402
-    SmtpSink, ThrowawayPostgres, apply_schema, free_port, run_sql)
+    ThrowawayPostgres, apply_schema, free_port, run_sql)
+from timing_sink import TimingSink  # noqa: E402
 
 BODY = ("Kính gửi quý khách, đơn hàng của bạn đã được xác nhận và sẽ được giao trong "
         "hai ngày làm việc. Cảm ơn bạn đã mua sắm cùng chúng tôi! ") * 7  # ~1 KB of UTF-8
@@ -188,18 +189,12 @@ def burn_down(lab, count, command, history=0):
 
 
 def _latency_sink(port, conn):
-    """In its own process: an aiosmtpd sink recording arrival times."""
-    arrivals = {}
-
-    def record(envelope):
-        arrivals[envelope.rcpt_tos[0]] = time.time()
-    sink = SmtpSink(behaviour=record)
-    sink.port = port
-    sink.start()
+    """In its own process: a TimingSink, reporting its arrival times when told to stop."""
+    sink = TimingSink(port)
     conn.send("ready")
     conn.recv()  # until told to stop
-    sink.stop()
-    conn.send(arrivals)
+    sink.close()
+    conn.send(dict(sink.arrivals))
 
 
 def latency(lab, rate, seconds, history=0):
@@ -217,7 +212,7 @@ def latency(lab, rate, seconds, history=0):
              subprocess.Popen(script("producer.py", "--config", config))]
     committed = {}
     try:
-        wait_listening(conn, 4 + 1)  # the consumer's default 4 workers, and the producer
+        wait_listening(conn, 1 + 1)  # the consumer's first worker, and the producer
         cur = conn.cursor()
         started = time.monotonic()
         for i in range(int(rate * seconds)):

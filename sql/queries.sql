@@ -98,11 +98,6 @@ SELECT status, count(*) AS jobs FROM jobs GROUP BY status ORDER BY status;
 -- queue, so wake the other consumers at once.
 SELECT pg_notify('mailqueue_queue', '');
 
--- ring_helpers --
--- Consumer, having claimed a full batch: there is a backlog, so wake the
--- workers that wait on this channel rather than on every new queue row.
-SELECT pg_notify('mailqueue_queue_backlog', '');
-
 -- schema_ready --
 -- Start-up check: sql/schema.sql has been run (the queue table exists and jobs
 -- has the columns the schema adds).
