@@ -15,9 +15,14 @@ one works; the whole pattern is in this file:
    (sql/queries.sql, claim_batch): consumers never wait for each other and never
    take the same row. The claim DELETEs the rows in a transaction that stays
    open while the batch is sent, so the row locks die with this process.
-3. Each mail's outcome is committed at once on a second connection, guarded by
-   the job's status: completed, failed (retried later), or dead (given up).
-4. The claim is committed last; the queue rows are then gone for good.
+3. Each mail's outcome is committed on a second connection, guarded by the
+   job's status: completed, failed (retried later), or dead (given up). A
+   'completed' is sent off without waiting: the worker builds the next mail
+   and sends its envelope meanwhile, but sends its content only once that
+   commit is done (Sender.send's `ready`), so at most one mail per worker is
+   ever sent and not yet recorded.
+4. The claim is committed last, after every outcome of the batch; the queue
+   rows are then gone for good.
 
 Durability: only the outcome records (step 3) wait for the disk. The producer's
 moves and the claims' commits do not (synchronous_commit off): the WAL is one
@@ -128,14 +133,20 @@ class Consumer:
                     break
                 self.process(job)
             else:
+                self.outcome_recorded()
                 self.end_claim("finish_batch")  # step 4: the batch's queue rows are gone
                 return
             # Stopping: put the unsent rows back and tell the other consumers.
             # (Rows of jobs already recorded come back too; as their status is
             # no longer 'queued', whoever claims them drops them unsent.)
+            self.outcome_recorded()
             self.end_claim("release_batch")
             self.record("ring_consumers")
         except BaseException:
+            try:
+                self.outcome_recorded()  # a mail sent is recorded, if the database lets us
+            except db.Error:
+                pass
             if not self.claim_conn.closed:
                 self.end_claim("release_batch")
             raise
@@ -151,22 +162,28 @@ class Consumer:
         try:
             message = self.composer.build(job.job_id, job.email, job.subject,
                                           job.content_message, job.created_at)
-            self.sender.send(message)
+            self.sender.send(message, ready=self.outcome_recorded)
         except mail.BadMail as exc:
             self.record("mark_dead", job_id=job.job_id, error=str(exc), attempted=0)
             log.warning("job %s: dead, bad input (see last_error)", job.job_id)
         except mail.SendError as exc:
             self.record_failure(job, str(exc), exc.permanent, exc.summary)
-        except (mail.SmtpUnavailable, *db.CONNECTION_ERRORS):
-            raise  # not this job's fault: the batch goes back, and we wait
+        except (mail.SmtpUnavailable, db.Error):
+            # Not this job's fault (a database error here is the previous mail's
+            # outcome failing to commit): the batch goes back, and we wait.
+            raise
         except Exception as exc:  # a poison job must not take the worker down
             self.sender.close()
             log.exception("job %s: unexpected error", job.job_id)
             self.record_failure(job, "unexpected error: %s: %s" % (type(exc).__name__, exc),
                                 permanent=False, summary=type(exc).__name__)
         else:
-            self.record("mark_sent", job_id=job.job_id)  # step 3
+            db.start(self.record_conn, "mark_sent", job_id=job.job_id)  # step 3, overlapped
             log.debug("job %s: sent", job.job_id)
+
+    def outcome_recorded(self):
+        """Wait until the last outcome sent off is committed."""
+        db.finish(self.record_conn)
 
     def record_failure(self, job, error, permanent, summary):
         attempts = job.attempts + 1
@@ -200,7 +217,7 @@ class Consumer:
         # autocommit: the claim's transaction is begun and ended by its queries
         self.claim_conn = db.connect(settings, "mailqueue consumer (claim)", autocommit=True,
                                      wait_for_flush=False)
-        self.record_conn = db.connect(settings, "mailqueue consumer (record)", autocommit=True)
+        self.record_conn = db.connect(settings, "mailqueue consumer (record)", overlapped=True)
 
     def close_connections(self):
         for conn in (self.listen_conn, self.claim_conn, self.record_conn):

@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import select
 
 import psycopg2
 
@@ -12,6 +13,7 @@ SQL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # What a lost or unreachable server raises; the caller reconnects.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+Error = psycopg2.Error  # anything a query can raise
 
 # TCP keepalives find a connection whose server or network died silently.
 _CONNECT_OPTIONS = dict(connect_timeout=10, keepalives=1, keepalives_idle=10,
@@ -61,16 +63,21 @@ _FORMS = {name: prepared_forms(name, QUERIES[name]) for name in PREPARED}
 
 
 class Connection(psycopg2.extensions.connection):
-    """A connection that knows which of the PREPARED queries it has prepared."""
+    """A connection that knows which of the PREPARED queries it has prepared and,
+    if it is overlapped (see connect), which query it has under way."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.prepared = set()
+        self.pending = None  # the cursor of a query start() sent
 
 
 def run(conn, name, **params):
     """Run the query `name` of sql/queries.sql; its rows, or for a statement that
     returns none, how many rows it changed."""
+    if conn.async_:
+        start(conn, name, **params)
+        return finish(conn)
     with conn.cursor() as cur:
         sql = QUERIES[name]
         if name in _FORMS and isinstance(conn, Connection):
@@ -79,27 +86,81 @@ def run(conn, name, **params):
                 cur.execute(prepare)
                 conn.prepared.add(name)
         cur.execute(sql, params or None)
-        return cur.fetchall() if cur.description else cur.rowcount
+        return _result(cur)
+
+
+def start(conn, name, **params):
+    """On an overlapped connection: send the query `name` and return at once; the
+    query runs while the caller does something else, until finish(conn). A query
+    still under way is waited for first."""
+    finish(conn)
+    cur = conn.cursor()
+    sql = QUERIES[name]
+    if name in _FORMS:
+        prepare, sql = _FORMS[name]
+        if name not in conn.prepared:
+            cur.execute(prepare)
+            _wait(conn)
+            conn.prepared.add(name)
+    cur.execute(sql, params or None)
+    conn.pending = cur
+
+
+def finish(conn):
+    """Wait for the query start() sent on `conn`, if any; its result as run()
+    gives it (None if there was none)."""
+    cur, conn.pending = conn.pending, None
+    if cur is None:
+        return None
+    try:
+        _wait(conn)
+        return _result(cur)
+    finally:
+        cur.close()
+
+
+def _result(cur):
+    return cur.fetchall() if cur.description else cur.rowcount
+
+
+def _wait(conn):
+    """Until the overlapped connection `conn` is done with what it was doing."""
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        if state == psycopg2.extensions.POLL_READ:
+            select.select([conn], [], [])
+        else:  # POLL_WRITE
+            select.select([], [conn], [])
 
 
 class DatabaseUnavailable(Exception):
     """The database cannot be reached; the message is one line without the password."""
 
 
-def connect(database_settings, application_name, autocommit=False, wait_for_flush=True):
+def connect(database_settings, application_name, autocommit=False, wait_for_flush=True,
+            overlapped=False):
     """A new connection with keepalives, or DatabaseUnavailable.
 
     wait_for_flush=False sets synchronous_commit off: a commit returns before its
     WAL reaches the disk. Only for writes that a crash may undo harmlessly: the
-    producer's moves and the consumer's claims (see consumer.py, "Durability")."""
+    producer's moves and the consumer's claims (see consumer.py, "Durability").
+
+    overlapped=True makes an asynchronous connection (always autocommit): start()
+    sends a query on it and finish() waits for the result, so that the caller
+    can do other work while the server runs the query."""
     options = {} if wait_for_flush else {"options": "-c synchronous_commit=off"}
     try:
         conn = psycopg2.connect(application_name=application_name, **options,
-                                connection_factory=Connection,
+                                connection_factory=Connection, async_=overlapped,
                                 **_CONNECT_OPTIONS, **database_settings)
+        if overlapped:
+            _wait(conn)
     except psycopg2.Error as exc:
         raise DatabaseUnavailable(describe(exc, database_settings)) from None
-    conn.autocommit = autocommit
+    if not overlapped:
+        conn.autocommit = autocommit
     return conn
 
 

@@ -187,8 +187,12 @@ class Sender:
                                   % (s.host, s.port, exc or type(exc).__name__)) from None
         self.connection = conn
 
-    def send(self, mail):
-        """Hand one mail to the server; SendError if it was not accepted."""
+    def send(self, mail, ready=None):
+        """Hand one mail to the server; SendError if it was not accepted.
+
+        ready(), if given, is called once the server is ready for the content,
+        just before the content is sent. If it raises, the connection is dropped
+        instead: the server discards a mail whose content never ended."""
         try:
             try:
                 self._envelope(mail)
@@ -198,6 +202,13 @@ class Sender:
                 # connection gets one more try.
                 self.close()
                 self._envelope(mail)
+            if ready is not None:
+                try:
+                    ready()
+                except BaseException:
+                    self.connection.close()  # no QUIT: it would be read as content
+                    self.connection = None
+                    raise
             data = mail.data
             if data.startswith(b".") or b"\n." in data:  # never so for build()'s mails
                 data = _DOT_AT_LINE_START.sub(b"..", data)
