@@ -190,6 +190,34 @@ def test_terminated_listen_connection_comes_back_and_work_still_flows(
         assert scripts.stop(proc) == 0
 
 
+def test_lost_recording_connection_sends_no_mail_before_the_last_is_recorded(
+        db, smtp, make_config, scripts):
+    # A 'completed' commits while the next mail's envelope goes out; if that
+    # commit fails, the next mail's content must not follow (consumer.py, step 3).
+    async def slow(envelope):
+        await asyncio.sleep(0.002)
+    smtp.behaviour = slow
+    config = make_config()
+    consumer = scripts.start("consumer.py", "--config", config, "--concurrency", "1")
+    producer = scripts.start("producer.py", "--config", config)
+    emails = addresses(400)
+    queue_jobs(db, emails)
+    kills = 0
+    for received in (50, 150, 250):
+        smtp.wait_for(received)
+        killed = query(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = current_database() "
+                           "AND application_name = 'mailqueue consumer (record)'")
+        kills += len(killed)
+    assert kills == 3
+    assert_every_job_completed_once(db, smtp, emails, max_duplicates=kills)
+    print("\n%d recording connections lost: %d duplicated, 0 lost, of %d"
+          % (kills, duplicates(smtp), len(emails)))
+    assert "lost the database connection" in scripts.log_of(consumer)
+    for proc in (consumer, producer):
+        assert scripts.stop(proc) == 0
+
+
 def test_smtp_connection_dropped_mid_mail_fails_that_mail_then_sends_it(
         db, smtp, make_config, scripts):
     dropped = []
