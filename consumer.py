@@ -123,7 +123,9 @@ class Consumer:
         return [Job(*row) for row in rows]
 
     def end_claim(self, query):
-        """finish_batch (COMMIT) or release_batch (ROLLBACK) the claim's transaction."""
+        """finish_batch (COMMIT) or release_batch (ROLLBACK) the claim's transaction,
+        once every outcome of the batch is committed (step 4 comes after step 3)."""
+        self.outcome_recorded()
         db.run(self.claim_conn, query)
 
     def send_batch(self, batch):
@@ -133,13 +135,11 @@ class Consumer:
                     break
                 self.process(job)
             else:
-                self.outcome_recorded()
                 self.end_claim("finish_batch")  # step 4: the batch's queue rows are gone
                 return
             # Stopping: put the unsent rows back and tell the other consumers.
             # (Rows of jobs already recorded come back too; as their status is
             # no longer 'queued', whoever claims them drops them unsent.)
-            self.outcome_recorded()
             self.end_claim("release_batch")
             self.record("ring_consumers")
         except BaseException:

@@ -79,13 +79,7 @@ def run(conn, name, **params):
         start(conn, name, **params)
         return finish(conn)
     with conn.cursor() as cur:
-        sql = QUERIES[name]
-        if name in _FORMS and isinstance(conn, Connection):
-            prepare, sql = _FORMS[name]
-            if name not in conn.prepared:
-                cur.execute(prepare)
-                conn.prepared.add(name)
-        cur.execute(sql, params or None)
+        _execute(conn, cur, name, params)
         return _result(cur)
 
 
@@ -95,14 +89,7 @@ def start(conn, name, **params):
     still under way is waited for first."""
     finish(conn)
     cur = conn.cursor()
-    sql = QUERIES[name]
-    if name in _FORMS:
-        prepare, sql = _FORMS[name]
-        if name not in conn.prepared:
-            cur.execute(prepare)
-            _wait(conn)
-            conn.prepared.add(name)
-    cur.execute(sql, params or None)
+    _execute(conn, cur, name, params)
     conn.pending = cur
 
 
@@ -117,6 +104,21 @@ def finish(conn):
         return _result(cur)
     finally:
         cur.close()
+
+
+def _execute(conn, cur, name, params):
+    """Send the query `name` on `cur`; one of PREPARED is prepared first, once
+    per connection, and then EXECUTEd (on a Connection of ours: any other runs
+    the query as it is)."""
+    sql = QUERIES[name]
+    if name in _FORMS and isinstance(conn, Connection):
+        prepare, sql = _FORMS[name]
+        if name not in conn.prepared:
+            cur.execute(prepare)
+            if conn.async_:
+                _wait(conn)
+            conn.prepared.add(name)
+    cur.execute(sql, params or None)
 
 
 def _result(cur):

@@ -17,7 +17,6 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from email import base64mime
 from email.utils import formataddr, formatdate
 
 from mailqueue import addresses
@@ -115,7 +114,7 @@ def encode_header_text(text):
         return text
     raw = text.encode("utf-8")
     if len(raw) <= _WORD_BYTES:  # the usual subject: one word
-        return "=?utf-8?b?%s?=" % binascii.b2a_base64(raw, newline=False).decode("ascii")
+        return _encoded_word(raw)
     words, chunk, size = [], [], 0
     for char in text:
         length = len(char.encode("utf-8"))
@@ -125,7 +124,12 @@ def encode_header_text(text):
         chunk.append(char)
         size += length
     words.append("".join(chunk))
-    return "\r\n ".join(base64mime.header_encode(w.encode("utf-8"), "utf-8") for w in words)
+    return "\r\n ".join(_encoded_word(w.encode("utf-8")) for w in words)
+
+
+def _encoded_word(raw):
+    """UTF-8 bytes as one RFC 2047 base64 encoded word."""
+    return "=?utf-8?b?%s?=" % binascii.b2a_base64(raw, newline=False).decode("ascii")
 
 
 _WORD_BYTES = 42  # 56 characters of base64 + 12 of =?utf-8?b??= : lines stay within 78

@@ -25,6 +25,13 @@ def queue_jobs(db, emails, chunk=100):
         insert_jobs(db, [(e, "mail for %s" % e, None) for e in emails[start:start + chunk]])
 
 
+def slow_down(smtp, seconds):
+    """Make the SMTP sink take `seconds` over each mail, so that there is a mail in hand."""
+    async def slow(envelope):
+        await asyncio.sleep(seconds)
+    smtp.behaviour = slow
+
+
 def assert_every_job_completed_once(db, smtp, emails, max_duplicates=0):
     wait_until(lambda: status_counts(db) == {"completed": len(emails)},
                what="%d completed jobs" % len(emails))
@@ -74,9 +81,7 @@ def worker_pids(consumer):
 
 def test_killed_worker_is_replaced_and_workers_of_a_killed_consumer_stop_by_themselves(
         db, smtp, make_config, scripts):
-    async def slow(envelope):
-        await asyncio.sleep(0.005)
-    smtp.behaviour = slow
+    slow_down(smtp, 0.005)
     config = make_config()
     consumer = scripts.start("consumer.py", "--config", config, "--concurrency", "3")
     emails = addresses(600)
@@ -103,9 +108,7 @@ def test_killed_worker_is_replaced_and_workers_of_a_killed_consumer_stop_by_them
 
 def test_sigterm_finishes_the_mail_in_hand_releases_the_rest_and_exits_0(
         db, smtp, make_config, scripts):
-    async def slow(envelope):
-        await asyncio.sleep(0.05)
-    smtp.behaviour = slow
+    slow_down(smtp, 0.05)
     emails = addresses(200)
     queue_jobs(db, emails)
     config = make_config()
@@ -131,9 +134,7 @@ def test_postgres_restart_or_crash_mid_run_loses_nothing(mode, postgres, databas
                                                          make_config, scripts):
     if postgres.throwaway is None:
         pytest.skip("restarts only the suite's own throwaway server, never TEST_DATABASE_URL's")
-    async def slow(envelope):
-        await asyncio.sleep(0.002)
-    smtp.behaviour = slow
+    slow_down(smtp, 0.002)
     config = make_config()
     consumers = [scripts.start("consumer.py", "--config", config, "--concurrency", "2")
                  for _ in range(2)]
@@ -194,9 +195,7 @@ def test_lost_recording_connection_sends_no_mail_before_the_last_is_recorded(
         db, smtp, make_config, scripts):
     # A 'completed' commits while the next mail's envelope goes out; if that
     # commit fails, the next mail's content must not follow (consumer.py, step 3).
-    async def slow(envelope):
-        await asyncio.sleep(0.002)
-    smtp.behaviour = slow
+    slow_down(smtp, 0.002)
     config = make_config()
     consumer = scripts.start("consumer.py", "--config", config, "--concurrency", "1")
     producer = scripts.start("producer.py", "--config", config)
