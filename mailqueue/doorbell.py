@@ -13,10 +13,18 @@ import signal
 import time
 
 import pgnotify
+import pgnotify.notify
 
 from mailqueue import db, mail
 
 log = logging.getLogger(__name__)
+
+# pgnotify logs through logx, whose every call finds the caller's module with
+# inspect.stack(): about 1 ms here, twice per wake-up, on the path of every mail.
+# Its module gets a plain logger instead (the same name, and quiet: what it says
+# at INFO, a signal received, we say ourselves).
+pgnotify.notify.log = logging.getLogger("pgnotify")
+pgnotify.notify.log.setLevel(logging.WARNING)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RECONNECT_DELAY_MIN = 0.5   # seconds: first wait after a lost connection
