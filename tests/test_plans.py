@@ -7,7 +7,8 @@ import re
 import pytest
 
 from helpers import query
-from mailqueue.db import QUERIES
+from mailqueue import db as database_module
+from mailqueue.db import PREPARED, QUERIES
 
 PARAMS = {"limit": 100, "job_id": 5000, "error": "x", "delay": 60, "attempted": 1}
 
@@ -31,6 +32,10 @@ def plan_nodes(db, sql):
     with db.cursor() as cur:
         explained = cur.mogrify("EXPLAIN (FORMAT JSON) " + sql, PARAMS).decode()
     [(plan,)] = query(db, explained)
+    return walk(plan)
+
+
+def walk(plan):
     plan = plan if isinstance(plan, list) else json.loads(plan)
     nodes, todo = [], [plan[0]["Plan"]]
     while todo:
@@ -50,3 +55,27 @@ def test_hot_queries_use_indexes_not_a_scan_of_jobs(history, name):
     assert all(n["Node Type"] != "Seq Scan" for n in scans), [n["Node Type"] for n in scans]
     if name == "move_ready_jobs":
         assert any(n.get("Index Name") == "jobs_ready_idx" for n in scans)
+
+
+@pytest.mark.parametrize("name", PREPARED)
+def test_prepared_plans_cached_while_jobs_was_empty_still_use_indexes(
+        postgres, database, name):
+    # A prepared query's generic plan is made once and kept until the tables'
+    # statistics change; a fresh installation makes it while jobs is empty.
+    conn = database_module.connect(postgres.settings_for(database), "plan test",
+                                   autocommit=True)
+    try:
+        query(conn, "SET plan_cache_mode = force_generic_plan")
+        database_module.run(conn, name, **{k: PARAMS[k] for k in ("limit", "job_id")
+                                          if "%%(%s)s" % k in QUERIES[name]})
+        query(conn, "INSERT INTO jobs (email, content_message, status) "
+                    "SELECT 'old' || i || '@example.com', 'sent', 'completed' "
+                    "FROM generate_series(1, 10000) i")
+        execute = database_module.prepared_forms(name, QUERIES[name])[1]
+        with conn.cursor() as cur:
+            explained = cur.mogrify("EXPLAIN (FORMAT JSON) " + execute, PARAMS).decode()
+        [(plan,)] = query(conn, explained)
+    finally:
+        conn.close()
+    scans = [n["Node Type"] for n in walk(plan) if n.get("Relation Name") == "jobs"]
+    assert scans and "Seq Scan" not in scans, scans

@@ -154,9 +154,9 @@ def test_long_unicode_subject_is_folded_into_short_encoded_words_and_reads_back(
     assert message["Subject"] == subject
 
 
-def test_prepared_form_numbers_each_named_parameter_once_and_keeps_begin_in_front():
+def test_prepared_form_numbers_each_named_parameter_once():
     prepare, execute = prepared_forms(
-        "claim", "-- what it is for\nBEGIN;\nSELECT %(a)s, %(b)s WHERE x = %(a)s")
+        "claim", "-- what it is for\nSELECT %(a)s, %(b)s WHERE x = %(a)s")
     assert prepare == "PREPARE claim AS SELECT $1, $2 WHERE x = $1"
-    assert execute == "BEGIN; EXECUTE claim(%(a)s, %(b)s)"
+    assert execute == "EXECUTE claim(%(a)s, %(b)s)"
     assert prepared_forms("plain", "SELECT 1") == ("PREPARE plain AS SELECT 1", "EXECUTE plain")
