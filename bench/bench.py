@@ -107,11 +107,17 @@ class Lab:
         self.admin("CREATE DATABASE %s TEMPLATE bench_template" % name)
         conn = psycopg2.connect(self.pg.dsn(name))
         conn.autocommit = True
-        path = os.path.join(self.folder, "%s.json" % name)
+        return conn, self.config(conn, smtp_port)
+
+    def config(self, conn, smtp_port=None):
+        """The path of a config file for the scripts: conn's database, and the
+        SMTP server on smtp_port (default: the throughput sink)."""
+        name, port = conn.info.dbname, smtp_port or self.smtp_port
+        path = os.path.join(self.folder, "%s-%d.json" % (name, port))
         with open(path, "w") as f:
             json.dump({"database": self.pg.settings_for(name),
-                       "smtp": {"host": "127.0.0.1", "port": smtp_port or self.smtp_port}}, f)
-        return conn, path
+                       "smtp": {"host": "127.0.0.1", "port": port}}, f)
+        return path
 
     def stop(self):
         self.pg.stop()
@@ -170,19 +176,19 @@ def wait_listening(conn, count):
 
 # --------------------------------------------------------------------------- goals
 
-def burn_down(lab, count, command, history=0):
+def burn_down(lab, count, command, database=None):
     """Queue `count` jobs, then time `command` (a list, given the config path) until it
-    exits; mails/s."""
-    conn, config = lab.fresh()
-    if history:
-        add_history(conn, history)
+    exits; mails/s. In a fresh database, or in `database` (connection, config path)."""
+    conn, config = database or lab.fresh()
+    before = completed(conn)
     insert_jobs(conn, count)
     subprocess.run(script("producer.py", "--config", config, "--once"), check=True)
     started = time.monotonic()
     subprocess.run(command(config), check=True)
     elapsed = time.monotonic() - started
-    done = completed(conn)
-    conn.close()
+    done = completed(conn) - before
+    if database is None:
+        conn.close()
     if done != count:
         raise SystemExit("error: %d of %d jobs completed" % (done, count))
     return count / elapsed
@@ -197,17 +203,19 @@ def _latency_sink(port, conn):
     conn.send(dict(sink.arrivals))
 
 
-def latency(lab, rate, seconds, history=0):
+def latency(lab, rate, seconds, database=None):
     """Insert jobs at `rate` per second, one transaction each, with producer and
-    consumer running; time from each INSERT's commit to the mail's arrival. (p50, p99) ms."""
+    consumer running; time from each INSERT's commit to the mail's arrival. (p50, p99) ms.
+    In a fresh database, or in `database` (connection, config path)."""
     port = free_port()
     ours, theirs = multiprocessing.Pipe()
     sink = multiprocessing.Process(target=_latency_sink, args=(port, theirs))
     sink.start()
     ours.recv()
-    conn, config = lab.fresh(smtp_port=port)
-    if history:
-        add_history(conn, history)
+    if database:
+        conn, config = database[0], lab.config(database[0], port)
+    else:
+        conn, config = lab.fresh(smtp_port=port)
     procs = [subprocess.Popen(script("consumer.py", "--config", config)),
              subprocess.Popen(script("producer.py", "--config", config))]
     committed = {}
@@ -233,7 +241,8 @@ def latency(lab, rate, seconds, history=0):
     ours.send("stop")
     arrivals = ours.recv()
     sink.join()
-    conn.close()
+    if database is None:
+        conn.close()
     delays = sorted((arrivals[a] - t) * 1000 for a, t in committed.items() if a in arrivals)
     if len(delays) != len(committed):
         raise SystemExit("error: %d of %d mails arrived" % (len(delays), len(committed)))
@@ -339,8 +348,10 @@ def main():
         row("smtp-sink ceiling (4 senders, ready bytes)",
             "%.0f mails/s" % sink_ceiling(port, 40_000 if not args.quick else 20_000))
 
-        ours = burn_down(lab, size["burn"], lambda c: script("consumer.py", "--config", c,
-                                                            "--drain"))
+        def consumer(config):
+            return script("consumer.py", "--config", config, "--drain")
+
+        ours = burn_down(lab, size["burn"], consumer)
         seed = burn_down(lab, size["seed"], lambda c: [sys.executable, os.path.join(
             ROOT, "bench", "seed_loop.py"), c, "2"])
         row("1. burn-down of %d queued mails" % size["burn"], "%.0f mails/s" % ours,
@@ -351,13 +362,22 @@ def main():
         row("2. latency at 50 jobs/s, p50", "%.1f ms" % p50, "<= 5 ms")
         row("   latency at 50 jobs/s, p99", "%.1f ms" % p99, "<= 10 ms")
 
-        hist = burn_down(lab, size["burn"], lambda c: script("consumer.py", "--config", c,
-                                                            "--drain"), history=size["history"])
+        # History: burn-downs with and without it taken in turn, so that the
+        # machine's slower and faster minutes fall on both sides.
+        history = lab.fresh()
+        add_history(history[0], size["history"])
+        empty, full = [], []
+        for _ in range(2):
+            empty.append(burn_down(lab, size["burn"], consumer))
+            full.append(burn_down(lab, size["burn"], consumer, database=history))
+        empty, full = statistics.median(empty), statistics.median(full)
         row("3. burn-down with %d completed jobs" % size["history"],
-            "%.0f mails/s (%+.1f%%)" % (hist, (hist / ours - 1) * 100), "within 10%")
-        hp50, hp99 = latency(lab, 50, size["lat_seconds"], history=size["history"])
+            "%.0f mails/s (%+.1f%%)" % (full, (full / empty - 1) * 100),
+            "within 10%", "(%.0f mails/s without, same turns)" % empty)
+        hp50, hp99 = latency(lab, 50, size["lat_seconds"], database=history)
         row("   latency p50 / p99 with that history",
             "%.1f / %.1f ms" % (hp50, hp99), "within 10%")
+        history[0].close()
 
         early, late = memory(lab, size["memory"])
         row("4. consumer RSS after 1,000 / %d mails" % size["memory"],
