@@ -232,7 +232,8 @@ def latency(lab, rate, seconds, database=None):
     in `database` (connection, config path)."""
     port = free_port()
     ours, theirs = multiprocessing.Pipe()
-    sink = multiprocessing.Process(target=_latency_sink, args=(port, theirs))
+    # daemon: should this run fail, the sink is stopped with the bench, not waited for
+    sink = multiprocessing.Process(target=_latency_sink, args=(port, theirs), daemon=True)
     sink.start()
     ours.recv()
     if database:
