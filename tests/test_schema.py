@@ -126,29 +126,3 @@ def test_notifications_carry_no_personal_data(postgres, database, db):
     assert sorted(notes) == [("mailqueue_jobs", ""), ("mailqueue_queue", "")], \
         "one empty notification per statement"
 
-
-def test_a_notification_wakes_the_doorbell_without_walking_the_stack(
-        postgres, database, db, monkeypatch):
-    # pgnotify logs through logx, which called inspect.stack() on every log line:
-    # about 1 ms each, twice per wake-up, on the path of every mail.
-    import inspect
-
-    from mailqueue import doorbell
-
-    walks = []
-    real_stack = inspect.stack
-    monkeypatch.setattr(inspect, "stack", lambda *a: walks.append(1) or real_stack(*a))
-    listener = psycopg2.connect(postgres.dsn(database))
-    listener.autocommit = True
-    stop = doorbell.Stop()
-    events = doorbell.wakeups(listener, "mailqueue_queue", 10.0, stop)
-    try:
-        assert next(events) == "start-up"
-        query(db, "INSERT INTO jobs(email, content_message) VALUES ('a@example.com', 'hi')")
-        query(db, "WITH m AS (UPDATE jobs SET status = 'queued' RETURNING job_id) "
-                  "INSERT INTO queue(job_id) SELECT job_id FROM m")
-        assert next(events) == "notification"
-    finally:
-        events.close()
-        listener.close()
-    assert walks == []
