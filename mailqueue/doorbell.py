@@ -26,31 +26,25 @@ log = logging.getLogger(__name__)
 pgnotify.notify.log = logging.getLogger("pgnotify")
 pgnotify.notify.log.setLevel(logging.WARNING)
 
-_wakeup_pipes = []  # (read, write) of each pipe pgnotify made, for wakeups() to close
+_wakeup_pipe = None  # (read, write) of the pipe pgnotify's loop last made
 
 
-def _wakeup_pipe():
-    """pgnotify's get_wakeup_fd (the pipe that signals write to while it
-    waits), keeping both ends: pgnotify closes neither, so every reconnect
-    would lose two file descriptors."""
-    read, write = os.pipe()
+def _new_wakeup_pipe():
+    """pgnotify's get_wakeup_fd (the pipe that signals write to while its loop
+    waits), but closing the previous loop's pipe, which pgnotify never closes:
+    every reconnect would lose two file descriptors. One loop runs at a time in
+    a process, so the previous one is done with it."""
+    global _wakeup_pipe
+    previous, (read, write) = _wakeup_pipe, os.pipe()
     os.set_blocking(write, False)
     signal.set_wakeup_fd(write)
-    _wakeup_pipes.append((read, write))
+    _wakeup_pipe = read, write
+    for fd in previous or ():
+        os.close(fd)
     return read
 
 
-pgnotify.notify.get_wakeup_fd = _wakeup_pipe
-
-
-def _close_wakeup_pipes():
-    while _wakeup_pipes:
-        read, write = _wakeup_pipes.pop()
-        previous = signal.set_wakeup_fd(-1)
-        if previous != write:
-            signal.set_wakeup_fd(previous)  # someone else's: leave it in place
-        os.close(read)
-        os.close(write)
+pgnotify.notify.get_wakeup_fd = _new_wakeup_pipe
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RECONNECT_DELAY_MIN = 0.5   # seconds: first wait after a lost connection
@@ -128,7 +122,6 @@ def wakeups(listen_conn, channel, poll_interval, stop):
             yield "notification" if event else "timeout"
     finally:
         events.close()
-        _close_wakeup_pipes()
 
 
 def run_until_stopped(serve, stop, what):
