@@ -125,4 +125,3 @@ def test_notifications_carry_no_personal_data(postgres, database, db):
     listener.close()
     assert sorted(notes) == [("mailqueue_jobs", ""), ("mailqueue_queue", "")], \
         "one empty notification per statement"
-
