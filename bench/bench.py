@@ -10,6 +10,11 @@ on, as in production) and Postfix's smtp-sink, a fast SMTP sink written in C
 measures the sink's own ceiling first so that it is shown not to be the limit.
 Latency is measured with a minimal SMTP sink in its own process
 (bench/timing_sink.py), which records when each mail arrives.
+
+On a shared machine, minutes apart can differ by a third: whatever is compared
+(ours and the seed-style loop, with and without history) is measured in turns,
+and the CPU time the hypervisor gave to other machines is printed beside the
+latency figures, whose tail it sets.
 """
 
 import argparse
