@@ -18,6 +18,7 @@ latency figures, whose tail it sets.
 """
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -181,6 +182,17 @@ def wait_listening(conn, count):
 
 # --------------------------------------------------------------------------- goals
 
+def in_turns(rounds, *measures):
+    """Call each of `measures` in turn, `rounds` times; a list of results per
+    measure. On a shared machine, minutes apart can differ by a third: taking
+    turns puts the slower and faster minutes on every side of a comparison."""
+    results = [[] for _ in measures]
+    for _ in range(rounds):
+        for measure, got in zip(measures, results):
+            got.append(measure())
+    return results
+
+
 def burn_down(lab, count, command, database=None):
     """Queue `count` jobs, then time `command` (a list, given the config path) until it
     exits; mails/s. In a fresh database, or in `database` (connection, config path)."""
@@ -280,10 +292,11 @@ def latency(lab, rate, seconds, database=None):
     return delays, stolen
 
 
-def percentiles(delays):
-    """(p50, p99) of a list of delays."""
-    delays = sorted(delays)
-    return statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+def pooled(runs):
+    """(p50, p99, mean share of CPU time stolen) of latency() runs taken together."""
+    delays = sorted(d for run, _ in runs for d in run)
+    stolen = statistics.mean(share for _, share in runs)
+    return statistics.median(delays), delays[int(len(delays) * 0.99) - 1], stolen
 
 
 def rss_mb(pid):
@@ -318,43 +331,35 @@ def memory(lab, count):
 
 def insert_cost(lab, bulk, singles):
     """(bulk INSERT ratio, single-row INSERTs ratio): time with the NOTIFY
-    triggers over time without. The bulk statement: median of 3 alternating runs
-    each. The single rows: in blocks of 500, alternating, so that the machine's
-    slow moments (each INSERT waits for the disk) fall on both sides alike."""
+    triggers over time without, in turns. The bulk statement: median of 3 runs
+    each. The single rows: in blocks of 500, summed, so that the machine's slow
+    moments (each INSERT waits for the disk) fall on both sides alike."""
     conn, _ = lab.fresh()
     cur = conn.cursor()
+    numbers = itertools.count()
 
-    def triggers(on):
-        cur.execute("ALTER TABLE jobs %s TRIGGER USER" % ("ENABLE" if on else "DISABLE"))
-
-    def timed(action):
+    def timed(triggers, action):
+        cur.execute("ALTER TABLE jobs %s TRIGGER USER" % ("ENABLE" if triggers else "DISABLE"))
         started = time.perf_counter()
         action()
         return time.perf_counter() - started
 
-    on, off = [], []
-    for _ in range(3):
-        for with_triggers, times in ((True, on), (False, off)):
-            cur.execute("TRUNCATE jobs CASCADE")
-            triggers(with_triggers)
-            times.append(timed(lambda: insert_jobs(conn, bulk)))
-    bulk_ratio = statistics.median(on) / statistics.median(off)
+    def one_statement(triggers):
+        cur.execute("TRUNCATE jobs CASCADE")
+        return timed(triggers, lambda: insert_jobs(conn, bulk))
 
-    def single_rows(start, count):
-        for i in range(start, start + count):
+    def single_rows():
+        for i in itertools.islice(numbers, 500):
             cur.execute("INSERT INTO jobs (email, content_message) VALUES (%s, %s)",
                         ("one%d@example.com" % i, "hello"))
 
+    on, off = in_turns(3, lambda: one_statement(True), lambda: one_statement(False))
+    bulk_ratio = statistics.median(on) / statistics.median(off)
     cur.execute("TRUNCATE jobs CASCADE")
-    block = 500
-    spent = {True: 0.0, False: 0.0}
-    for start in range(0, singles, block):
-        for with_triggers in (True, False):
-            triggers(with_triggers)
-            spent[with_triggers] += timed(lambda: single_rows(
-                2 * start + with_triggers * block, block))
+    on, off = in_turns(singles // 500, lambda: timed(True, single_rows),
+                       lambda: timed(False, single_rows))
     conn.close()
-    return bulk_ratio, spent[True] / spent[False]
+    return bulk_ratio, sum(on) / sum(off)
 
 
 # --------------------------------------------------------------------------- report
@@ -392,44 +397,30 @@ def main():
         def seed_loop(config):
             return [sys.executable, os.path.join(ROOT, "bench", "seed_loop.py"), config, "2"]
 
-        # Ours and the seed-style loop in turns, median of 3 each: on a shared
-        # machine, minutes apart can differ by a third.
-        ours, seed = [], []
-        for _ in range(3):
-            ours.append(burn_down(lab, size["burn"], consumer))
-            seed.append(burn_down(lab, size["seed"], seed_loop))
+        ours, seed = in_turns(3, lambda: burn_down(lab, size["burn"], consumer),
+                              lambda: burn_down(lab, size["seed"], seed_loop))
         ours, seed = statistics.median(ours), statistics.median(seed)
         row("1. burn-down of %d queued mails" % size["burn"], "%.0f mails/s" % ours,
             ">= 2500/s", "%.0f mails/s (%d mails)" % (seed, size["seed"]))
         row("   ratio to the seed-style loop", "%.1fx" % (ours / seed), ">= 3.5x")
 
-        # With and without a history of finished jobs, taken in turn, so that the
-        # machine's slower and faster minutes fall on both sides.
         history = lab.fresh()
         add_history(history[0], size["history"])
-        delays, stolen = {False: [], True: []}, {False: [], True: []}
-        for _ in range(2):
-            for with_history in (False, True):
-                d, share = latency(lab, 50, size["lat_seconds"] / 2,
-                                   database=history if with_history else None)
-                delays[with_history] += d
-                stolen[with_history].append(share)
-        p50, p99 = percentiles(delays[False])
+        runs = in_turns(2, lambda: latency(lab, 50, size["lat_seconds"] / 2),
+                        lambda: latency(lab, 50, size["lat_seconds"] / 2, database=history))
+        (p50, p99, stolen), (hp50, hp99, hstolen) = [pooled(r) for r in runs]
         row("2. latency at 50 jobs/s, p50", "%.1f ms" % p50, "<= 5 ms")
         row("   latency at 50 jobs/s, p99", "%.1f ms" % p99, "<= 10 ms",
-            "(CPU stolen by the host meanwhile: %.1f%%)" % (statistics.mean(stolen[False]) * 100))
+            "(CPU stolen by the host meanwhile: %.1f%%)" % (stolen * 100))
 
-        empty, full = [], []
-        for _ in range(2):
-            empty.append(burn_down(lab, size["burn"], consumer))
-            full.append(burn_down(lab, size["burn"], consumer, database=history))
+        empty, full = in_turns(2, lambda: burn_down(lab, size["burn"], consumer),
+                               lambda: burn_down(lab, size["burn"], consumer, database=history))
         empty, full = statistics.median(empty), statistics.median(full)
         row("3. burn-down with %d completed jobs" % size["history"],
             "%.0f mails/s (%+.1f%%)" % (full, (full / empty - 1) * 100),
             "within 10%", "(%.0f mails/s without, same turns)" % empty)
-        row("   latency p50 / p99 with that history",
-            "%.1f / %.1f ms" % percentiles(delays[True]), "within 10%",
-            "(CPU stolen by the host meanwhile: %.1f%%)" % (statistics.mean(stolen[True]) * 100))
+        row("   latency p50 / p99 with that history", "%.1f / %.1f ms" % (hp50, hp99),
+            "within 10%", "(CPU stolen by the host meanwhile: %.1f%%)" % (hstolen * 100))
         history[0].close()
 
         early, late = memory(lab, size["memory"])

@@ -1,6 +1,7 @@
 """The doorbell (mailqueue/doorbell.py): pgnotify's LISTEN loop on a real
 PostgreSQL, and what we had to mend in it."""
 
+import contextlib
 import inspect
 import os
 
@@ -10,6 +11,19 @@ from helpers import query
 from mailqueue import doorbell
 
 
+@contextlib.contextmanager
+def doorbell_on(postgres, database, poll_interval):
+    """doorbell.wakeups on a listening connection of its own, closed afterwards."""
+    listener = psycopg2.connect(postgres.dsn(database))
+    listener.autocommit = True
+    events = doorbell.wakeups(listener, "mailqueue_queue", poll_interval, doorbell.Stop())
+    try:
+        yield events
+    finally:
+        events.close()
+        listener.close()
+
+
 def test_a_notification_wakes_the_doorbell_without_walking_the_stack(
         postgres, database, db, monkeypatch):
     # pgnotify logs through logx, which called inspect.stack() on every log line:
@@ -17,19 +31,12 @@ def test_a_notification_wakes_the_doorbell_without_walking_the_stack(
     walks = []
     real_stack = inspect.stack
     monkeypatch.setattr(inspect, "stack", lambda *a: walks.append(1) or real_stack(*a))
-    listener = psycopg2.connect(postgres.dsn(database))
-    listener.autocommit = True
-    stop = doorbell.Stop()
-    events = doorbell.wakeups(listener, "mailqueue_queue", 10.0, stop)
-    try:
+    with doorbell_on(postgres, database, 10.0) as events:
         assert next(events) == "start-up"
         query(db, "INSERT INTO jobs(email, content_message) VALUES ('a@example.com', 'hi')")
         query(db, "WITH m AS (UPDATE jobs SET status = 'queued' RETURNING job_id) "
                   "INSERT INTO queue(job_id) SELECT job_id FROM m")
         assert next(events) == "notification"
-    finally:
-        events.close()
-        listener.close()
     assert walks == []
 
 
@@ -37,15 +44,9 @@ def test_reconnecting_the_doorbell_leaves_no_file_descriptor_open(postgres, data
     # pgnotify opens a pipe for signals on every run and closes neither end: a
     # consumer whose database came and went for hours would run out of files.
     def one_run():
-        listener = psycopg2.connect(postgres.dsn(database))
-        listener.autocommit = True
-        events = doorbell.wakeups(listener, "mailqueue_queue", 0.01, doorbell.Stop())
-        try:
+        with doorbell_on(postgres, database, 0.01) as events:
             assert next(events) == "start-up"
             assert next(events) == "timeout"  # pgnotify's loop has run
-        finally:
-            events.close()
-            listener.close()
 
     one_run()  # anything opened once for good (imports, caches) is open by now
     before = len(os.listdir("/proc/self/fd"))

@@ -32,10 +32,6 @@ def plan_nodes(db, sql):
     with db.cursor() as cur:
         explained = cur.mogrify("EXPLAIN (FORMAT JSON) " + sql, PARAMS).decode()
     [(plan,)] = query(db, explained)
-    return walk(plan)
-
-
-def walk(plan):
     plan = plan if isinstance(plan, list) else json.loads(plan)
     nodes, todo = [], [plan[0]["Plan"]]
     while todo:
@@ -68,16 +64,13 @@ def test_prepared_plans_cached_while_jobs_was_empty_still_use_indexes(
         if conn.server_version < 120000:
             pytest.skip("plan_cache_mode is new in PostgreSQL 12")
         query(conn, "SET plan_cache_mode = force_generic_plan")
-        database_module.run(conn, name, **{k: PARAMS[k] for k in ("limit", "job_id")
+        database_module.run(conn, name, **{k: v for k, v in PARAMS.items()
                                           if "%%(%s)s" % k in QUERIES[name]})
         query(conn, "INSERT INTO jobs (email, content_message, status) "
                     "SELECT 'old' || i || '@example.com', 'sent', 'completed' "
                     "FROM generate_series(1, 10000) i")
-        execute = database_module.prepared_forms(name, QUERIES[name])[1]
-        with conn.cursor() as cur:
-            explained = cur.mogrify("EXPLAIN (FORMAT JSON) " + execute, PARAMS).decode()
-        [(plan,)] = query(conn, explained)
+        nodes = plan_nodes(conn, database_module.prepared_forms(name, QUERIES[name])[1])
     finally:
         conn.close()
-    scans = [n["Node Type"] for n in walk(plan) if n.get("Relation Name") == "jobs"]
+    scans = [n["Node Type"] for n in nodes if n.get("Relation Name") == "jobs"]
     assert scans and "Seq Scan" not in scans, scans
