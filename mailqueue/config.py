@@ -40,6 +40,8 @@ class SmtpSettings:
     security: str = "none"           # none, starttls or ssl
     ca_file: Optional[str] = None    # an extra CA to trust; certificates are always verified
     timeout: float = 30.0            # seconds for connecting and for each SMTP reply
+    data_timeout: float = 600.0      # seconds for the reply to the end of data (RFC 5321 4.5.3.2)
+    max_messages_per_connection: int = 100  # then a new connection (many relays cap it)
     sender: str = "Mail Queue <noreply@example.com>"
     subject: str = "Message from Mail Queue"
 
@@ -55,12 +57,17 @@ class QueueSettings:
     max_retry_delay: float = 3600.0  # seconds: the longest wait between retries
     batch_size: int = 20          # queue rows a consumer claims at once
     producer_batch_size: int = 1000  # jobs the producer moves per transaction
+    concurrency: int = 32         # mails in flight at once per consumer, one SMTP connection each
+    processes: Optional[int] = None  # processes they are spread over; None: one per core
+    rate_limit: Optional[float] = None  # mails per second across all consumers; None: no limit
+    claim_lease: float = 10.0     # seconds a claim outlives its consumer's last heartbeat
 
 
 @dataclass(frozen=True)
 class Config:
     path: str
     database: dict   # keyword arguments for psycopg2.connect (the seed's five keys)
+    listen_database: dict  # the same, for LISTEN (a direct connection when database is a pooler)
     smtp: SmtpSettings
     queue: QueueSettings
 
@@ -72,11 +79,14 @@ class Config:
 _SMTP_TYPES = {
     "host": (str,), "port": (int,), "user": (str,), "password": (str,),
     "security": (str,), "ca_file": (str, type(None)), "timeout": (int, float),
+    "data_timeout": (int, float), "max_messages_per_connection": (int,),
     "sender": (str,), "subject": (str,),
 }
 _QUEUE_TYPES = {
     "max_attempts": (int,), "retry_delay": (int, float), "max_retry_delay": (int, float),
-    "batch_size": (int,), "producer_batch_size": (int,),
+    "batch_size": (int,), "producer_batch_size": (int,), "concurrency": (int,),
+    "processes": (int, type(None)), "rate_limit": (int, float, type(None)),
+    "claim_lease": (int, float),
 }
 _DATABASE_TYPES = {
     "database": (str,), "user": (str,), "password": (str,), "host": (str,),
@@ -104,7 +114,7 @@ def from_dict(raw, path="<config>", environ=None):
     environ = {} if environ is None else environ
     if not isinstance(raw, dict):
         raise ConfigError("%s: the top level must be a JSON object" % path)
-    _no_unknown_keys(raw, ("database", "smtp", "queue"), path, "")
+    _no_unknown_keys(raw, ("database", "listen_database", "smtp", "queue"), path, "")
 
     database = _section(raw, "database", _DATABASE_TYPES, path)
     for key, var in DATABASE_ENV.items():
@@ -112,6 +122,11 @@ def from_dict(raw, path="<config>", environ=None):
             database[key] = environ[var]
     if "port" in database:
         database["port"] = _port(database["port"], path, "database.port")
+    # LISTEN needs a direct connection (a pooler in transaction mode delivers no
+    # notifications); keys it does not name are taken from `database`.
+    listen_database = dict(database, **_section(raw, "listen_database", _DATABASE_TYPES, path))
+    if "port" in listen_database:
+        listen_database["port"] = _port(listen_database["port"], path, "listen_database.port")
 
     smtp_raw = _section(raw, "smtp", _SMTP_TYPES, path)
     for key, var in SMTP_ENV.items():
@@ -122,8 +137,11 @@ def from_dict(raw, path="<config>", environ=None):
         raise ConfigError("%s: smtp.security must be one of %s, not %r"
                           % (path, ", ".join(SECURITY_MODES), smtp.security))
     _port(smtp.port, path, "smtp.port")
-    if smtp.timeout <= 0:
-        raise ConfigError("%s: smtp.timeout must be a positive number of seconds" % path)
+    for key in ("timeout", "data_timeout"):
+        if getattr(smtp, key) <= 0:
+            raise ConfigError("%s: smtp.%s must be a positive number of seconds" % (path, key))
+    if smtp.max_messages_per_connection < 1:
+        raise ConfigError("%s: smtp.max_messages_per_connection must be at least 1" % path)
     if smtp.ca_file is not None and not os.path.isfile(smtp.ca_file):
         raise ConfigError("%s: smtp.ca_file %r is not a file" % (path, smtp.ca_file))
     try:
@@ -135,13 +153,21 @@ def from_dict(raw, path="<config>", environ=None):
         raise ConfigError("%s: %s" % (path, exc)) from None
 
     queue = QueueSettings(**_section(raw, "queue", _QUEUE_TYPES, path))
-    for key in ("max_attempts", "batch_size", "producer_batch_size"):
+    for key in ("max_attempts", "batch_size", "producer_batch_size", "concurrency"):
         if getattr(queue, key) < 1:
             raise ConfigError("%s: queue.%s must be at least 1" % (path, key))
+    if queue.processes is not None and queue.processes < 1:
+        raise ConfigError("%s: queue.processes must be at least 1 (or null: one per core)" % path)
+    if queue.rate_limit is not None and queue.rate_limit <= 0:
+        raise ConfigError("%s: queue.rate_limit must be a positive number of mails per second "
+                          "(or null: no limit)" % path)
+    if queue.claim_lease < 1:
+        raise ConfigError("%s: queue.claim_lease must be at least 1 second" % path)
     if queue.retry_delay < 0 or queue.max_retry_delay < queue.retry_delay:
         raise ConfigError("%s: queue.retry_delay must be >= 0 and <= queue.max_retry_delay"
                           % path)
-    return Config(path=path, database=database, smtp=smtp, queue=queue)
+    return Config(path=path, database=database, listen_database=listen_database, smtp=smtp,
+                  queue=queue)
 
 
 def _section(raw, name, types, path):
