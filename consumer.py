@@ -51,7 +51,7 @@ import re
 import select
 import signal
 
-from mailqueue import cli, db, doorbell, mail
+from mailqueue import cli, db, doorbell, message, smtp
 
 log = logging.getLogger("consumer")
 
@@ -72,8 +72,8 @@ class Consumer:
         self.config = config
         self.stop = stop
         self.team = team  # shared with sibling worker processes, if any
-        self.composer = mail.Composer(config.smtp)
-        self.sender = mail.Sender(config.smtp)
+        self.composer = message.Composer(config.smtp)
+        self.sender = smtp.Sender(config.smtp)
         self.listen_conn = self.claim_conn = self.record_conn = None
 
     def run(self, drain_only=False):
@@ -160,15 +160,14 @@ class Consumer:
                      job.status or "missing")
             return
         try:
-            message = self.composer.build(job.job_id, job.email, job.subject,
-                                          job.content_message, job.created_at)
-            self.sender.send(message, ready=self.outcome_recorded)
-        except mail.BadMail as exc:
+            mail = self.composer.build(job._asdict())
+            self.sender.send(mail, ready=self.outcome_recorded)
+        except message.BadMail as exc:
             self.record("mark_dead", job_id=job.job_id, error=str(exc), attempted=0)
             log.warning("job %s: dead, bad input (see last_error)", job.job_id)
-        except mail.SendError as exc:
+        except smtp.SendError as exc:
             self.record_failure(job, str(exc), exc.permanent, exc.summary)
-        except (mail.SmtpUnavailable, db.Error):
+        except (smtp.SmtpUnavailable, db.Error):
             # Not this job's fault (a database error here is the previous mail's
             # outcome failing to commit): the batch goes back, and we wait.
             raise

@@ -3,7 +3,7 @@ simple way. Each worker takes one queue row per transaction (FOR UPDATE SKIP
 LOCKED), holds the lock while it opens a new SMTP connection and sends, then
 records the outcome and deletes the row in the same transaction.
 
-It builds each mail with the same code as consumer.py (mailqueue.mail.Composer),
+It builds each mail with the same code as consumer.py (mailqueue.message.Composer),
 so the comparison is about the queue design, not about message building. Its
 SQL lives here, not in sql/queries.sql: it is not part of the product.
 
@@ -20,7 +20,7 @@ import psycopg2
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mailqueue import config as configuration  # noqa: E402
-from mailqueue.mail import Composer  # noqa: E402
+from mailqueue.message import Composer  # noqa: E402
 
 TAKE_ONE = """
 SELECT q.queue_id, j.job_id, j.email, j.subject, j.content_message, j.created_at
@@ -45,9 +45,10 @@ def work(config_path):
             if row is None:
                 return
             queue_id, job_id, email, subject, body, created_at = row
-            mail = composer.build(job_id, email, subject, body, created_at)
+            mail = composer.build(dict(job_id=job_id, email=email, subject=subject,
+                                       content_message=body, created_at=created_at))
             smtp = smtplib.SMTP(config.smtp.host, config.smtp.port, timeout=config.smtp.timeout)
-            smtp.sendmail(mail.sender, [mail.recipient], mail.data)
+            smtp.sendmail(mail.sender, list(mail.recipients), mail.data)
             smtp.quit()
             cur.execute(FINISH, {"job_id": job_id, "queue_id": queue_id})
 

@@ -4,7 +4,7 @@ and a first look at the servers, each failure one clear line and a non-zero exit
 import logging
 
 from mailqueue import config as configuration
-from mailqueue import db, mail
+from mailqueue import db, smtp
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 
@@ -41,10 +41,10 @@ def check_database(config):
 
 
 def check_smtp(config):
-    sender = mail.Sender(config.smtp)
+    sender = smtp.Sender(config.smtp)
     try:
         sender.connect()
-    except mail.SmtpUnavailable as exc:
+    except smtp.SmtpUnavailable as exc:
         raise SystemExit("error: %s" % exc) from None
     finally:
         sender.close()

@@ -15,7 +15,7 @@ import time
 import pgnotify
 import pgnotify.notify
 
-from mailqueue import db, mail
+from mailqueue import db, smtp
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def run_until_stopped(serve, stop, what):
             problem = "lost the database connection: %s" % db.describe(exc)
         except db.DatabaseUnavailable as exc:
             problem = str(exc)
-        except mail.SmtpUnavailable as exc:
+        except smtp.SmtpUnavailable as exc:
             problem = str(exc)
         if time.monotonic() - started > 10 * RECONNECT_DELAY_MAX:
             delay = RECONNECT_DELAY_MIN  # it had been working for a good while

@@ -124,7 +124,7 @@ class Sender:
                             "does not offer SMTPUTF8", permanent=True, summary="no SMTPUTF8")
         commands = [("MAIL FROM:<%s>%s" % (mail.sender, " SMTPUTF8" if mail.smtputf8 else ""),
                      "sender refused", (250,)),
-                    ("RCPT TO:<%s>" % mail.recipient, "recipient refused", (250, 251)),
+                    ("RCPT TO:<%s>" % mail.recipients[0], "recipient refused", (250, 251)),
                     ("DATA", "mail refused", (354,))]
         encoding = "utf-8" if mail.smtputf8 else "ascii"
         if conn.has_extn("pipelining"):

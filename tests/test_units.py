@@ -10,7 +10,7 @@ from consumer import retry_delay
 from mailqueue import addresses, config as configuration
 from mailqueue.config import ConfigError, QueueSettings, SmtpSettings
 from mailqueue.db import prepared_forms
-from mailqueue.mail import BadMail, Composer
+from mailqueue.message import BadMail, Composer
 
 CREATED = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.timezone.utc)
 
@@ -57,21 +57,21 @@ def test_config_mistakes_are_named(raw, message):
 
 def build(**job):
     composer = Composer(SmtpSettings(sender="Hộp thư <noreply@example.com>", subject="Default"))
-    fields = dict(job_id=7, email="someone@example.com", subject=None, body="Hello",
+    fields = dict(job_id=7, email="someone@example.com", subject=None, content_message="Hello",
                   created_at=CREATED)
     fields.update(job)
-    return composer.build(**fields)
+    return composer.build(fields)
 
 
 def test_built_mail_parses_back_to_what_the_job_holds():
-    mail = build(subject="Chào bạn", body="Dòng một\nDòng hai\n")
+    mail = build(subject="Chào bạn", content_message="Dòng một\nDòng hai\n")
     message = email.message_from_bytes(mail.data, policy=email.policy.default)
     assert message["From"].addresses[0].display_name == "Hộp thư"
     assert message["From"].addresses[0].addr_spec == "noreply@example.com"
     assert message["To"] == "someone@example.com"
     assert message["Subject"] == "Chào bạn"
     assert message.get_content() == "Dòng một\r\nDòng hai\r\n"
-    assert (mail.sender, mail.recipient, mail.smtputf8) == (
+    assert (mail.sender, mail.recipients[0], mail.smtputf8) == (
         "noreply@example.com", "someone@example.com", False)
     assert b"\r\n\r\n" in mail.data and b"\n" not in mail.data.replace(b"\r\n", b"")
 
@@ -101,9 +101,9 @@ def test_null_subject_uses_the_configured_default():
     (dict(subject="=?UTF-8?Q?=0A?=Bcc: injected@example.com"), "encoded word"),
     (dict(subject="nul\x00"), "control character"),
     (dict(subject="x" * 1_000_000), "characters long"),
-    (dict(body=None), "content_message is NULL"),
-    (dict(body=""), "content_message is empty"),
-    (dict(body="nul\x00byte"), "NUL"),
+    (dict(content_message=None), "content_message is NULL"),
+    (dict(content_message=""), "content_message is empty"),
+    (dict(content_message="nul\x00byte"), "NUL"),
 ])
 def test_bad_input_is_refused_with_a_reason(job, reason):
     with pytest.raises(BadMail) as caught:
@@ -114,7 +114,7 @@ def test_bad_input_is_refused_with_a_reason(job, reason):
 def test_internationalised_address_needs_smtputf8_only_for_a_non_ascii_local_part():
     assert build(email="người.nhận@ví-dụ.vn").smtputf8
     ascii_local = build(email="bob@ví-dụ.vn")
-    assert not ascii_local.smtputf8 and ascii_local.recipient == "bob@xn--v-d-rma6749a.vn"
+    assert not ascii_local.smtputf8 and ascii_local.recipients[0] == "bob@xn--v-d-rma6749a.vn"
 
 
 def test_header_text_check_allows_ordinary_unicode():
