@@ -25,6 +25,18 @@ CREATE TABLE IF NOT EXISTS jobs (
   content_message VARCHAR               -- the message body (plain text)
 );
 
+-- attachments: files sent with a job; a row with content_id is an inline part
+-- (referenced from the HTML as cid:...), the others are attachments. Insert a job
+-- and its attachments in one transaction, so that no consumer sees one without the other.
+CREATE TABLE IF NOT EXISTS attachments (
+  attachment_id SERIAL PRIMARY KEY,
+  job_id INTEGER NOT NULL REFERENCES jobs ON DELETE CASCADE,
+  filename VARCHAR NOT NULL,
+  content_type VARCHAR NOT NULL DEFAULT 'application/octet-stream',
+  content BYTEA NOT NULL,
+  content_id VARCHAR
+);
+
 -- queue: the jobs waiting for a consumer. A row lives from the moment the producer
 -- queues a job until a consumer has recorded the job's outcome.
 CREATE TABLE IF NOT EXISTS queue (
@@ -49,7 +61,24 @@ BEGIN
     -- (set in the future to schedule a mail; set by the consumer for a retry)
     ('run_at',     'TIMESTAMPTZ NOT NULL DEFAULT now()'),
     -- when the job was inserted; also makes each job's Message-ID unique
-    ('created_at', 'TIMESTAMPTZ NOT NULL DEFAULT now()')
+    ('created_at', 'TIMESTAMPTZ NOT NULL DEFAULT now()'),
+    -- the HTML body; with content_message the mail is multipart/alternative
+    ('html_message', 'TEXT'),
+    -- this job's From and envelope sender; NULL means the configured smtp.sender
+    ('sender', 'VARCHAR'),
+    -- one address for Reply-To
+    ('reply_to', 'VARCHAR'),
+    -- more recipients: Cc is a header; Bcc addresses go in the envelope only
+    ('cc', 'TEXT[]'),
+    ('bcc', 'TEXT[]'),
+    -- extra headers, a JSON object of strings, e.g. {"List-Unsubscribe": "<https://...>"}
+    ('headers', 'JSONB'),
+    -- larger goes first, in the producer's move and in the consumer's claim
+    ('priority', 'INTEGER NOT NULL DEFAULT 0'),
+    -- not sent after this: the job becomes dead, and spends no attempt
+    ('expires_at', 'TIMESTAMPTZ'),
+    -- the application's key: INSERT ... ON CONFLICT (idempotency_key) DO NOTHING
+    ('idempotency_key', 'VARCHAR')
   ) AS wanted(name, definition)
   LOOP
     IF NOT EXISTS (SELECT 1 FROM pg_attribute
