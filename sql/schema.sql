@@ -44,6 +44,19 @@ CREATE TABLE IF NOT EXISTS queue (
   job_id INTEGER
 );
 
+-- deliveries: one row per send attempt, written in the same transaction as the
+-- job's outcome, so that the two never disagree (the attempt log of reports).
+CREATE TABLE IF NOT EXISTS deliveries (
+  delivery_id BIGSERIAL PRIMARY KEY,
+  job_id INTEGER NOT NULL REFERENCES jobs ON DELETE CASCADE,
+  attempt INTEGER NOT NULL,             -- 1, 2, ...: the job's attempts after this one
+  started_at TIMESTAMPTZ,               -- when the consumer began this attempt
+  finished_at TIMESTAMPTZ,              -- when its outcome was known
+  outcome VARCHAR NOT NULL,             -- sent, failed (retried later) or dead
+  smtp_code INTEGER,                    -- the server's reply code (250 when sent); NULL when none
+  detail TEXT                           -- as readable as jobs.last_error
+);
+
 -- Columns a real mail queue needs beyond the seed's. Added one by one so that a
 -- database created from the seed's CREATE TABLE is upgraded in place.
 DO $$
@@ -112,6 +125,9 @@ BEGIN
      'CHECK (status IS NOT NULL AND status IN (''available'', ''queued'', ''completed'', ''failed'', ''dead''))'),
     -- attempts only ever count up from zero
     ('jobs', 'jobs_attempts_not_negative', 'CHECK (attempts >= 0)'),
+    -- a delivery's outcome is one of the three a send attempt can have
+    ('deliveries', 'deliveries_outcome_known',
+     'CHECK (outcome IN (''sent'', ''failed'', ''dead''))'),
     -- a queue row always names a job
     ('queue', 'queue_job_id_present', 'CHECK (job_id IS NOT NULL)'),
     -- a queue row names a job that exists; deleting a job removes it from the queue
