@@ -1,227 +1,449 @@
 """Send the mails waiting in the `queue` table.
 
-    python consumer.py [--config config.json] [--drain] [--concurrency N]
+    python consumer.py [--config config.json] [--drain] [--concurrency N] [--processes P]
 
-It runs N worker processes (run_workers); each is a Consumer, and this is how
-one works; the whole pattern is in this file:
+N mails are in flight at once (queue.concurrency, default 32), each on its own
+persistent SMTP connection, spread over P processes (queue.processes, default
+one per core; mailqueue/supervise.py starts them and replaces one that dies).
+Each process runs N/P sending threads (smtplib waits on the network with the GIL
+released) and holds three database connections whatever N is: claim, record and
+LISTEN. This is how one process works; the whole pattern is in this file:
 
-1. LISTEN on the channel `mailqueue_queue`, on a connection of its own. The
-   schema's trigger rings it whenever rows enter `queue`. A notification is only
-   a doorbell: start-up, every notification and every POLL_INTERVAL timeout run
-   the same drain(), so a lost notification delays a mail, never strands it.
-   (Only a consumer's first worker listens; it calls the others in when there
-   is a backlog: Team.)
-2. drain() claims a batch of queue rows with FOR UPDATE SKIP LOCKED
-   (sql/queries.sql, claim_batch): consumers never wait for each other and never
-   take the same row. The claim DELETEs the rows in a transaction that stays
-   open while the batch is sent, so the row locks die with this process.
-3. Each mail's outcome is committed on a second connection, guarded by the
-   job's status: completed, failed (retried later), or dead (given up). A
-   'completed' is sent off without waiting: the worker builds the next mail
-   and sends its envelope meanwhile, but sends its content only once that
-   commit is done (Sender.send's `ready`), so at most one mail per worker is
-   ever sent and not yet recorded.
-4. The claim is committed last, after every outcome of the batch; the queue
-   rows are then gone for good.
+1. LISTEN on `mailqueue_queue` (mailqueue/doorbell.py). A notification is only
+   a doorbell: start-up, every notification, every ring from a sending thread
+   and every POLL_INTERVAL timeout run the same drain(), so a lost notification
+   delays a mail, never strands it.
+2. drain() claims queue rows with FOR UPDATE SKIP LOCKED (sql/queries.sql,
+   claim_batch): consumers never wait for each other and never take the same
+   row. The claim marks the rows with this process's row in `consumers` and is
+   committed at once: no transaction stays open while mail is sent. It holds
+   while the process's heartbeat keeps its lease (mailqueue/claims.py); the
+   claimed jobs wait in `ready` for a sending thread.
+3. Each sending thread (send_loop) takes a job, builds its mail
+   (mailqueue/message.py) and sends it (mailqueue/smtp.py) in one round trip: the
+   next mail's envelope follows this mail's end-of-data dot (RFC 2920). Just
+   before the content goes, the thread checks that its previous outcome is
+   durable and that the claim still holds (gate); if not, the content is not sent.
+4. The outcome is handed to the recorder (mailqueue/recorder.py), which commits
+   all the outcomes pending at that moment in one statement: completed, failed
+   (retried later), dead (given up), or released (back to the queue at no cost:
+   throttled, or the connection lost before the content). Throttling replies also
+   slow this process down (mailqueue/pacing.py); queue.rate_limit holds across
+   all consumers through a token bucket in PostgreSQL, taken with the claim.
 
-Durability: only the outcome records (step 3) wait for the disk. The producer's
-moves and the claims' commits do not (synchronous_commit off): the WAL is one
-sequence, so whenever an outcome is on disk, so is everything committed before
-it. A database crash can thus only undo moves and claims of mails whose outcome
-was not yet recorded: such jobs come back as 'available', or their queue rows
-come back and are dropped unsent if the job already finished.
-
-Delivery guarantee: at least once. A mail is sent twice only if the worker
-sending it, or its database connection, died after the SMTP server accepted it
-and before step 3 committed: at most one duplicate per mail in flight, which is
-one per killed worker (workers whose consumer was killed finish their mail and
-stop: none). Rows of the batch not yet sent go back to the queue at
-once when the claiming transaction dies; jobs already recorded are never resent,
-because a job is only sent while its status is 'queued'.
+Delivery guarantee: at least once, and one sender per job at a time. A mail is
+sent twice only if the SMTP server accepted it and its outcome was not recorded:
+the process died, or lost the database for longer than its lease, between the
+server's reply and the commit. Each thread sends a mail's content only once its
+previous outcome is durable, so that is at most one duplicate per mail in flight
+(N per consumer). No claim is sent after it may have ended: a thread sends the
+content only while the lease holds by this process's own clock, with a margin,
+and a claim another consumer may take has ended for this one.
 """
 
 import argparse
 import collections
+import datetime
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import random
-import re
-import select
-import signal
+import socket
+import threading
+import time
 
-from mailqueue import cli, db, doorbell, message, smtp
+from mailqueue import cli, db, doorbell, message, pacing, smtp, supervise
+from mailqueue.claims import Claims
+from mailqueue.recorder import Outcome, Recorder
 
 log = logging.getLogger("consumer")
 
-POLL_INTERVAL = 2.0  # seconds: the longest a consumer waits without looking at the queue
-DEFAULT_CONCURRENCY = 4  # worker processes: keeps 2 cores busy while each waits on SMTP and commits
-WORKER_RESTART_DELAY = 1.0  # seconds before replacing a worker that died
-DRAIN_RECHECK = 0.05  # seconds: --drain looks this often at rows other consumers hold
+POLL_INTERVAL = 2.0      # seconds: the longest a consumer waits without looking at the queue
+DRAIN_RECHECK = 0.05     # seconds: --drain looks this often at rows others hold
+ROOM_RECHECK = 0.1       # seconds: a full `ready` is looked at again this often
+GATE_RECHECK = 0.05      # seconds: a thread at the gate looks again this often at the latest
+PROGRESS_EVERY = 10.0    # seconds between two progress lines in the log
+SHUTDOWN_GRACE = 10.0    # seconds to record the last outcomes when stopping
+SMTP_RETRY_MIN = 0.5     # seconds: first wait when the SMTP server cannot be reached
+SMTP_RETRY_MAX = 30.0    # seconds: the wait doubles up to this
 QUEUE_CHANNEL = "mailqueue_queue"  # rung when rows enter the queue
-MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
-
-Job = collections.namedtuple(
-    "Job", "queue_id job_id status email subject content_message attempts created_at")
 
 
 class Consumer:
-    def __init__(self, config, stop, team=None):
+    def __init__(self, config, stop, threads, on_registered=None):
         self.config = config
         self.stop = stop
-        self.team = team  # shared with sibling worker processes, if any
+        self.threads = threads
+        self.on_registered = on_registered  # the supervisor learns our consumer_id
+        self.name = "%s:%d" % (socket.gethostname(), os.getpid())
+        self.claims = Claims(config.queue.claim_lease)
+        self.recorder = Recorder(config.database, self.claims, self.name, stop)
+        self.governor = pacing.Governor()
         self.composer = message.Composer(config.smtp)
-        self.sender = smtp.Sender(config.smtp)
-        self.listen_conn = self.claim_conn = self.record_conn = None
+        self.ready = collections.deque()   # claimed jobs no thread has taken yet
+        self.work = threading.Condition()  # guards `ready`
+        self.stopping = False
+        self.claim_conn = None
+        self.claim_unknown = False  # a claim's reply was lost: it may have been committed
+        self.smtp_down = SmtpTrouble()
+        self.progress = Progress()
+
+    # ------------------------------------------------------------ the claimer
 
     def run(self, drain_only=False):
         """Serve until stopped; with drain_only, until the queue table is empty."""
+        self.recorder.start()
+        senders = [threading.Thread(target=self.send_loop, name="sender-%d" % i, daemon=True)
+                   for i in range(self.threads)]
+        for thread in senders:
+            thread.start()
         try:
-            doorbell.run_until_stopped(lambda: self.serve(drain_only), self.stop, "consumer")
+            doorbell.run_until_stopped(lambda working: self.serve(working, drain_only),
+                                       self.stop, "consumer")
         finally:
-            self.sender.close()
+            self.shut_down(senders)
 
-    def serve(self, drain_only):
+    def serve(self, working, drain_only):
+        listen_conn = None
         try:
-            self.open_connections()
-            if self.listens():
-                wakeups = doorbell.wakeups(self.listen_conn, QUEUE_CHANNEL, POLL_INTERVAL,
-                                           self.stop)
-            else:
-                wakeups = self.team.wakeups(POLL_INTERVAL, self.stop)
-            for _ in wakeups:
+            self.claim_conn = db.connect(self.config.database, self.app_name("claim"))
+            listen_conn = db.connect(self.config.listen_database, self.app_name("listen"))
+            self.register()
+            working()
+            for reason in doorbell.wakeups(listen_conn, QUEUE_CHANNEL, POLL_INTERVAL, self.stop):
+                if reason in ("start-up", "timeout"):
+                    self.free_expired_claims()
                 self.drain()
+                while drain_only and not self.stop.requested and not self.drained():
+                    self.claims.wait(DRAIN_RECHECK)
+                    self.drain()
                 if drain_only:
-                    # What is left is held by other consumers: it goes when they
-                    # commit, or comes back for us if they die.
-                    while not self.stop.requested and not self.queue_is_empty():
-                        self.stop.sleep(DRAIN_RECHECK)
-                        self.drain()
                     return True
+                self.progress.report(self.governor)
             return True  # stop requested
         finally:
-            self.close_connections()
+            db.close_quietly(listen_conn)
+            db.close_quietly(self.claim_conn)
+            self.claim_conn = None
 
     def drain(self):
-        """Claim and send batches until the queue has nothing left for us."""
+        """Claim queue rows until the queue has nothing left for us, or `ready` is
+        full and the threads are busy."""
         while not self.stop.requested:
-            self.sender.connect()  # no claim while the SMTP server is unreachable
-            batch = self.claim_batch()
-            if self.team:
-                self.team.note_backlog(len(batch) == self.config.queue.batch_size)
-            if not batch:
-                self.end_claim("release_batch")
-                return
-            self.send_batch(batch)
+            self.register()
+            self.governor.step()
+            if self.smtp_down.active():
+                return  # nothing is claimed while no mail can go; a thread rings when it can
+            room = self.room()
+            if room == 0:
+                with self.work:
+                    self.work.wait(ROOM_RECHECK)
+                continue
+            granted = self.governor.grant(room)
+            if granted == 0:
+                self.stop.sleep(self.governor.wait_time())
+                continue
+            jobs, wait = self.claim_batch(granted)
+            self.governor.give_back(granted - len(jobs))
+            self.hand_out(jobs)
+            if wait:  # queue.rate_limit: no token left for now
+                self.stop.sleep(wait)
+            elif len(jobs) < granted:
+                return  # nothing more for us now: wait for the doorbell
 
-    def claim_batch(self):
-        """Lock and delete up to batch_size queue rows, in a transaction that stays
-        open (step 2). BEGIN is part of the query, saving a round trip."""
-        rows = db.run(self.claim_conn, "claim_batch", limit=self.config.queue.batch_size)
-        return [Job(*row) for row in rows]
+    def room(self):
+        """How many jobs to claim now: `ready` is refilled to one job per thread
+        (each thread's next mail) once it is down to half that."""
+        with self.work:
+            waiting = len(self.ready)
+        if waiting > self.threads // 2:
+            return 0
+        return min(self.threads - waiting, max(self.config.queue.batch_size, self.threads))
 
-    def end_claim(self, query):
-        """finish_batch (COMMIT) or release_batch (ROLLBACK) the claim's transaction,
-        once every outcome of the batch is committed (step 4 comes after step 3)."""
-        self.outcome_recorded()
-        db.run(self.claim_conn, query)
-
-    def send_batch(self, batch):
+    def claim_batch(self, limit):
+        """Claim up to `limit` jobs (step 2); (jobs, seconds to wait for a token)."""
+        consumer_id = self.claims.consumer_id
+        if self.claim_unknown:
+            db.run(self.claim_conn, "free_unknown_claims", consumer=consumer_id,
+                   held=self.claims.held_ids())
+            self.claim_unknown = False
+        rate = self.config.queue.rate_limit
         try:
-            for job in batch:
-                if self.stop.requested:
-                    break
-                self.process(job)
+            if rate is None:
+                rows, wait = db.run_dicts(self.claim_conn, "claim_batch", consumer=consumer_id,
+                                          limit=limit), 0.0
             else:
-                self.end_claim("finish_batch")  # step 4: the batch's queue rows are gone
-                return
-            # Stopping: put the unsent rows back and tell the other consumers.
-            # (Rows of jobs already recorded come back too; as their status is
-            # no longer 'queued', whoever claims them drops them unsent.)
-            self.end_claim("release_batch")
-            self.record("ring_consumers")
-        except BaseException:
-            try:
-                self.outcome_recorded()  # a mail sent is recorded, if the database lets us
-            except db.Error:
-                pass
-            if not self.claim_conn.closed:
-                self.end_claim("release_batch")
+                rows = db.run_dicts(self.claim_conn, "claim_paced_batch", consumer=consumer_id,
+                                    limit=limit, rate=rate, burst=pacing.burst_for(rate))
+                left = rows[0]["tokens_left"] if rows else 1.0
+                rows = [row for row in rows if row["queue_id"] is not None]
+                wait = (1 - left) / rate if len(rows) < limit and left < 1 else 0.0
+        except db.CONNECTION_ERRORS:
+            self.claim_unknown = True  # committed or not, we cannot tell
             raise
+        attached = [row["job_id"] for row in rows if row["has_attachments"]]
+        if attached:
+            files = collections.defaultdict(list)
+            for part in db.run_dicts(self.claim_conn, "attachments_of", job_ids=attached):
+                files[part["job_id"]].append(part)
+            for row in rows:
+                row["attachments"] = files.get(row["job_id"], [])
+        rows.sort(key=lambda row: (-row["priority"], row["queue_id"]))
+        self.claims.add(rows)
+        return rows, wait
 
-    def process(self, job):
-        """Send one claimed job and record the outcome."""
-        if job.status != "queued":
-            # The queue row of a job that no longer exists, or of one already
-            # finished in a batch that was rolled back: there is nothing to send.
-            log.info("job %s: dropped its queue row (job is %s)", job.job_id,
-                     job.status or "missing")
+    def hand_out(self, jobs):
+        if jobs:
+            with self.work:
+                self.ready.extend(jobs)
+                self.work.notify(len(jobs))
+
+    def register(self):
+        """A row in `consumers` for our claims (again, if our lease ran out)."""
+        if self.claims.consumer_id is not None:
             return
+        sent_at = time.monotonic()
+        consumer_id = db.run(self.claim_conn, "register_consumer", label=self.name,
+                             lease=self.config.queue.claim_lease)[0][0]
+        self.claims.registered(consumer_id, sent_at)
+        if self.on_registered:
+            self.on_registered(consumer_id)
+
+    def free_expired_claims(self):
+        """At every poll: free the claims of consumers whose lease ran out."""
+        if db.run(self.claim_conn, "free_expired_claims"):
+            log.warning("freed the claims of a consumer that stopped without a word "
+                        "(no heartbeat for longer than its lease)")
+            db.run(self.claim_conn, "ring_consumers")
+
+    def drained(self):
+        """--drain: nothing left in the queue table, and nothing of ours unrecorded."""
+        return not self.claims.held_ids() and db.run(self.claim_conn, "queue_is_empty")[0][0]
+
+    def app_name(self, role):
+        return "mailqueue consumer (%s) %s" % (role, self.name)
+
+    # ------------------------------------------------------- a sending thread
+
+    def send_loop(self):
+        """One thread: one SMTP connection, one mail in flight (step 3)."""
+        sender = smtp.Sender(self.config.smtp)
+        previous = None    # the ticket of our last mail whose content went out
+        job = mail = None  # a job whose envelope is written, its replies not yet read
+        while True:
+            try:
+                if job is None:
+                    job, mail = self.take(sender, wait=True)
+                    if job is None:
+                        return  # stopping
+                job, mail, previous = self.send_one(sender, job, mail, previous)
+            except Exception as exc:  # a poison job must not take the thread down
+                log.exception("unexpected error")
+                sender.abort()
+                if job is not None:
+                    self.record_failure(job, smtp.SendError(
+                        "unexpected error: %s: %s" % (type(exc).__name__, exc),
+                        summary=type(exc).__name__))
+                job = mail = None
+
+    def send_one(self, sender, job, mail, previous):
+        """Read `job`'s envelope replies, send its content (with the next mail's
+        envelope, if there is one) and hand its outcome to the recorder. Returns
+        the next (job, mail, previous)."""
         try:
-            mail = self.composer.build(job._asdict())
-            self.sender.send(mail, ready=self.outcome_recorded)
-        except message.BadMail as exc:
-            self.record("mark_dead", job_id=job.job_id, error=str(exc), attempted=0)
-            log.warning("job %s: dead, bad input (see last_error)", job.job_id)
+            refused = sender.envelope_replies(mail)
+        except smtp.EnvelopeLost:
+            return self.begin_again(sender, job, mail) + (previous,)
         except smtp.SendError as exc:
-            self.record_failure(job, str(exc), exc.permanent, exc.summary)
-        except (smtp.SmtpUnavailable, db.Error):
-            # Not this job's fault (a database error here is the previous mail's
-            # outcome failing to commit): the batch goes back, and we wait.
-            raise
-        except Exception as exc:  # a poison job must not take the worker down
-            self.sender.close()
-            log.exception("job %s: unexpected error", job.job_id)
-            self.record_failure(job, "unexpected error: %s: %s" % (type(exc).__name__, exc),
-                                permanent=False, summary=type(exc).__name__)
+            self.record_failure(job, exc)
+            return None, None, previous
+        if not self.gate(previous, job):
+            sender.abort()  # the server discards a mail whose content never ended
+            return None, None, previous
+        following = (None, None)
+        if sender.mails_on_connection + 1 < self.config.smtp.max_messages_per_connection:
+            following = self.take(sender, wait=False, begin=False)
+        started = job["started"]
+        try:
+            sender.finish(mail, then=following[1])
+            previous = self.record_sent(job, refused, started)
+        except smtp.SendError as exc:
+            previous = self.record_failure(job, exc)
+        if sender.mails_on_connection >= self.config.smtp.max_messages_per_connection:
+            sender.close()  # many relays cap mails per connection
+        return following + (previous,)
+
+    def take(self, sender, wait, begin=True):
+        """The next job that can be sent, with its mail built and checked, and (if
+        `begin`) its envelope written; (None, None) when there is none (stopping,
+        or with wait=False, none ready)."""
+        while True:
+            job = self.next_job(wait)
+            if job is None:
+                return None, None
+            job["started"] = time.time()
+            mail = self.prepare(job, sender)
+            if mail is None:
+                continue
+            if not begin:
+                return job, mail
+            try:
+                sender.begin(mail)
+                self.smtp_down.over()
+                return job, mail
+            except smtp.EnvelopeLost:
+                job, mail = self.begin_again(sender, job, mail)
+                if job is not None:
+                    return job, mail
+            except smtp.SmtpUnavailable as exc:
+                self.give_back(job)
+                self.wait_for_smtp(sender, exc)
+
+    def begin_again(self, sender, job, mail):
+        """The connection failed before the content: the server cannot have the
+        mail. One more try on a new connection; then the job goes back."""
+        try:
+            sender.begin(mail)
+            return job, mail
+        except (smtp.EnvelopeLost, smtp.SmtpUnavailable) as exc:
+            self.give_back(job)
+            self.wait_for_smtp(sender, exc)
+            return None, None
+
+    def next_job(self, wait):
+        """A claimed job from `ready` that is still ours, or None."""
+        with self.work:
+            while True:
+                while self.ready and not self.stopping:
+                    job = self.ready.popleft()
+                    if self.claims.is_lost(job["queue_id"]):
+                        self.drop(job)
+                        continue
+                    if len(self.ready) == self.threads // 2:
+                        self.work.notify_all()  # the claimer refills
+                    return job
+                if not wait or self.stopping:
+                    return None
+                self.work.wait()
+
+    def prepare(self, job, sender):
+        """The job's mail, or None when it is not to be sent (its outcome is
+        recorded, or it went back)."""
+        if job["status"] != "queued":
+            # The queue row of a job finished or changed by hand: nothing to send.
+            log.info("job %s: dropped its queue row (job is %s)", job["job_id"], job["status"])
+            self.drop(job)
+            return None
+        expires_at = job.get("expires_at")
+        if expires_at is not None and expires_at <= datetime.datetime.now(datetime.timezone.utc):
+            self.record_dead(job, "expired at %s before it could be sent (expires_at): not sent"
+                             % expires_at.isoformat(), attempted=0, summary="expired")
+            return None
+        try:
+            mail = self.composer.build(job, job.get("attachments", ()))
+            sender.check(mail)
+        except message.BadMail as exc:
+            self.record_dead(job, str(exc), attempted=0, summary="bad input")
+            return None
+        except smtp.SendError as exc:  # the server cannot take it (SIZE, SMTPUTF8)
+            self.record_dead(job, str(exc), attempted=0, summary=exc.summary)
+            return None
+        except smtp.SmtpUnavailable as exc:
+            self.give_back(job)
+            self.wait_for_smtp(sender, exc)
+            return None
+        return mail
+
+    def gate(self, previous, job):
+        """Whether `job`'s content may go now: this thread's previous outcome is
+        durable and the claim still holds. Waits for both (up to smtp.timeout:
+        the server is holding the mail open); False when the content must not go."""
+        deadline = time.monotonic() + self.config.smtp.timeout
+        with self.claims.changed:
+            while True:
+                lost = self.claims.is_lost(job["queue_id"])
+                if self.stopping or lost:
+                    break
+                if (previous is None or previous.done) and self.claims.lease_holds():
+                    return True
+                if time.monotonic() > deadline:
+                    break
+                self.claims.changed.wait(GATE_RECHECK)
+        if lost:
+            self.drop(job)
         else:
-            db.start(self.record_conn, "mark_sent", job_id=job.job_id)  # step 3, overlapped
-            log.debug("job %s: sent", job.job_id)
+            self.give_back(job)
+        return False
 
-    def outcome_recorded(self):
-        """Wait until the last outcome sent off is committed."""
-        db.finish(self.record_conn)
+    def wait_for_smtp(self, sender, exc):
+        """No connection to the SMTP server: say so (once per try, for all the
+        threads) and wait before this thread tries again."""
+        sender.close()
+        delay = self.smtp_down.failed(exc)
+        self.stop.sleep(delay)
 
-    def record_failure(self, job, error, permanent, summary):
-        attempts = job.attempts + 1
-        if permanent or attempts >= self.config.queue.max_attempts:
-            self.record("mark_dead", job_id=job.job_id, error=error, attempted=1)
-            log.warning("job %s: dead after attempt %d (%s)", job.job_id, attempts, summary)
-        else:
-            delay = retry_delay(attempts, self.config.queue)
-            self.record("schedule_retry", job_id=job.job_id, error=error, delay=delay)
-            log.warning("job %s: attempt %d failed (%s); retry in %.0f s",
-                        job.job_id, attempts, summary, delay)
+    # ------------------------------------------------------------- outcomes
 
-    def record(self, query, **params):
-        """Run one recording query on the autocommit connection: durable at once."""
-        if "error" in params:  # for people, and PostgreSQL text cannot hold NUL
-            params["error"] = _CONTROL.sub(" ", params["error"])[:MAX_ERROR_CHARS]
-        db.run(self.record_conn, query, **params)
+    def record_sent(self, job, refused, started):
+        self.governor.sent()
+        self.progress.count("sent")
+        note = ("sent, but the server refused some recipients: %s" % "; ".join(refused)
+                if refused else None)
+        return self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "sent", 1, note,
+                                            smtp_code=250, started=started))
 
-    def queue_is_empty(self):
-        return db.run(self.claim_conn, "queue_is_empty")[0][0]
+    def record_failure(self, job, exc):
+        """A send failed: released if throttled (no attempt spent), else failed
+        or dead. Returns the recorder's ticket."""
+        if exc.throttled:
+            self.governor.throttled(exc.summary)
+            self.progress.count("throttled")
+            return self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "released"))
+        attempts = job["attempts"] + 1
+        if exc.permanent or attempts >= self.config.queue.max_attempts:
+            return self.record_dead(job, str(exc), attempted=1, summary=exc.summary,
+                                    code=exc.code)
+        delay = retry_delay(attempts, self.config.queue)
+        log.warning("job %s: attempt %d failed (%s); retry in %.0f s",
+                    job["job_id"], attempts, exc.summary, delay)
+        self.progress.count("failed")
+        return self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "failed", 1,
+                                            str(exc), delay, exc.code, job.get("started")))
 
-    def listens(self):
-        """Whether this worker LISTENs (see Team): a lone one, or a team's first."""
-        return self.team is None or self.team.slot == 0
+    def record_dead(self, job, error, attempted, summary, code=None):
+        log.warning("job %s: dead (%s; see last_error)", job["job_id"], summary)
+        self.progress.count("dead")
+        return self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "dead", attempted,
+                                            error, smtp_code=code, started=job.get("started")))
 
-    def open_connections(self):
-        settings = self.config.database
-        if self.listens():
-            self.listen_conn = db.connect(settings, "mailqueue consumer (listen)",
-                                          autocommit=True)
-        # autocommit: the claim's transaction is begun and ended by its queries
-        self.claim_conn = db.connect(settings, "mailqueue consumer (claim)", autocommit=True,
-                                     wait_for_flush=False)
-        self.record_conn = db.connect(settings, "mailqueue consumer (record)", overlapped=True)
+    def give_back(self, job):
+        """A job not sent, for no fault of its own: the next thread takes it, or,
+        when stopping, it goes back to the queue."""
+        if self.stopping:
+            self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "released"))
+            return
+        with self.work:
+            self.ready.appendleft(job)
+            self.work.notify()
 
-    def close_connections(self):
-        for conn in (self.listen_conn, self.claim_conn, self.record_conn):
-            db.close_quietly(conn)
-        self.listen_conn = self.claim_conn = self.record_conn = None
+    def drop(self, job):
+        """A job that is no longer ours to send: its queue row goes if we hold it."""
+        self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "dropped"))
+
+    # ------------------------------------------------------------- stopping
+
+    def shut_down(self, senders):
+        """Each mail in hand finishes (its reply waited for); the rest go back."""
+        with self.work:
+            self.stopping = True
+            left, self.ready = list(self.ready), collections.deque()
+            self.work.notify_all()
+        with self.claims.changed:
+            self.claims.changed.notify_all()
+        for job in left:
+            self.give_back(job)
+        for thread in senders:
+            thread.join()
+        self.recorder.close(SHUTDOWN_GRACE, retire=True)
 
 
 def retry_delay(attempts, queue_settings, rand=random.random):
@@ -233,100 +455,69 @@ def retry_delay(attempts, queue_settings, rand=random.random):
     return min(base * (1 + 0.25 * rand()), queue_settings.max_retry_delay)
 
 
-class Team:
-    """What the worker processes of one consumer share. Only the first worker
-    LISTENs for new queue rows: were all of them woken by every notification,
-    they would race to claim one job and slow down the one who gets it (a
-    thundering herd), and each listening connection costs PostgreSQL a wake-up
-    on every NOTIFY in the database. The others wait on a pipe of their own,
-    which a worker that claims a full batch writes to (a backlog: help wanted),
-    and drain on every poll timeout too."""
+class SmtpTrouble:
+    """Whether this process's threads can reach the SMTP server; one log line per
+    try while they cannot, however many threads try."""
 
-    def __init__(self, context, count):
-        self.help_wanted = context.Value("b", 0)
-        self.bells = [os.pipe() for _ in range(count)]  # (read, write) per worker
-        for read, write in self.bells:
-            os.set_blocking(read, False)
-            os.set_blocking(write, False)
-        self.slot = None  # set in each worker
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.since = None
+        self.delay = SMTP_RETRY_MIN
+        self.next_line = 0.0
 
-    def note_backlog(self, full_batch):
-        """After each claim: call the other workers in when a backlog begins."""
-        if full_batch and not self.help_wanted.value:
-            for slot, (_, write) in enumerate(self.bells):
-                if slot != self.slot:
-                    self.ring(write)
-        self.help_wanted.value = full_batch
+    def active(self):
+        return self.since is not None
 
-    @staticmethod
-    def ring(write):
-        try:
-            os.write(write, b"!")
-        except BlockingIOError:
-            pass  # the pipe is full: that worker has been rung already
+    def failed(self, exc):
+        """Seconds this thread waits before it tries again."""
+        with self.lock:
+            now = time.monotonic()
+            if self.since is None:
+                self.since, self.delay = now, SMTP_RETRY_MIN
+            if now >= self.next_line:
+                log.warning("%s; trying again in %.1f s", exc, self.delay)
+                self.next_line = now + self.delay
+                delay, self.delay = self.delay, min(self.delay * 2, SMTP_RETRY_MAX)
+            else:
+                delay = self.delay
+            return delay * random.uniform(1.0, 1.5)
 
-    def wakeups(self, poll_interval, stop):
-        """Like doorbell.wakeups, for the workers that do not LISTEN: yield at
-        start-up, when rung, and after poll_interval without a ring."""
-        read, write = self.bells[self.slot]
-        signal.set_wakeup_fd(write)  # a stop signal rings too
-        yield "start-up"
-        while not stop.requested:
-            rung, _, _ = select.select([read], [], [], poll_interval)
-            try:
-                while os.read(read, 512):
-                    pass
-            except BlockingIOError:
-                pass
-            if stop.requested:
-                return
-            yield "backlog" if rung else "timeout"
+    def over(self):
+        if self.since is None:
+            return
+        with self.lock:
+            if self.since is not None:
+                log.warning("the SMTP server can be reached again (after %.0f s)",
+                            time.monotonic() - self.since)
+                self.since = None
+        doorbell.ring()  # the claimer held back while it could not: claim again
 
 
-def run_workers(config, stop, count, drain_only):
-    """Run `count` worker processes, each a Consumer sending one mail at a time.
-    A worker that dies is replaced; SIGINT or SIGTERM stops them all gracefully,
-    and workers stop by themselves if this process is killed."""
-    context = multiprocessing.get_context("fork")
-    team = Team(context, count)
-    stop.share(context)
+class Progress:
+    """One INFO line every PROGRESS_EVERY seconds while mail goes, never one per mail."""
 
-    def start_worker(slot):
-        worker = context.Process(target=_worker_main, name="consumer-worker",
-                                 args=(config, drain_only, stop, os.getpid(), team, slot))
-        worker.start()
-        return worker
+    def __init__(self):
+        self.counts = collections.Counter()
+        self.lock = threading.Lock()
+        self.since = time.monotonic()
 
-    workers = [start_worker(slot) for slot in range(count)]
-    try:
-        while not stop.requested:
-            running = [w for w in workers if w.exitcode is None]
-            if drain_only and not running and all(w.exitcode == 0 for w in workers):
-                return
-            multiprocessing.connection.wait([w.sentinel for w in running], timeout=0.2)
-            for i, worker in enumerate(workers):
-                if worker.exitcode is None or (drain_only and worker.exitcode == 0):
-                    continue
-                if stop.requested:
-                    break
-                log.warning("worker %d exited with code %s; starting another",
-                            worker.pid, worker.exitcode)
-                stop.sleep(WORKER_RESTART_DELAY)
-                workers[i] = start_worker(i)
-    finally:
-        for worker in workers:
-            if worker.exitcode is None:
-                os.kill(worker.pid, signal.SIGTERM)
-        for worker in workers:
-            worker.join()
+    def count(self, what):
+        with self.lock:
+            self.counts[what] += 1
 
-
-def _worker_main(config, drain_only, stop, parent, team, slot):
-    # `stop` is the parent's, copied by fork, and so is the handler bound to it:
-    # a signal that came before this line is not lost.
-    stop.parent = parent
-    team.slot = slot
-    Consumer(config, stop, team).run(drain_only)
+    def report(self, governor):
+        now = time.monotonic()
+        if now - self.since < PROGRESS_EVERY:
+            return
+        with self.lock:
+            counts, self.counts = self.counts, collections.Counter()
+        elapsed, self.since = now - self.since, now
+        if counts:
+            paced = " (slowed to %.1f mails/s by throttling)" % governor.rate if governor.rate \
+                else ""
+            log.info("in the last %.0f s: %d sent (%.1f/s), %d failed, %d dead, %d throttled%s",
+                     elapsed, counts["sent"], counts["sent"] / elapsed, counts["failed"],
+                     counts["dead"], counts["throttled"], paced)
 
 
 def main(argv=None):
@@ -334,23 +525,34 @@ def main(argv=None):
     cli.add_common_arguments(parser)
     parser.add_argument("--drain", action="store_true",
                         help="exit once the queue table is empty")
-    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
-                        help="worker processes, each sending one mail at a time "
-                             "(default: %(default)s; 1 runs the worker in this process)")
+    parser.add_argument("--concurrency", type=int,
+                        help="mails in flight at once, each on its own SMTP connection "
+                             "(default: queue.concurrency, 32)")
+    parser.add_argument("--processes", type=int,
+                        help="processes the mails in flight are spread over "
+                             "(default: queue.processes, or one per core)")
     args = parser.parse_args(argv)
-    if args.concurrency < 1:
-        parser.error("--concurrency must be at least 1")
+    for flag in ("concurrency", "processes"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error("--%s must be at least 1" % flag)
     config = cli.start(args)
-    stop = doorbell.Stop()
+    stop = doorbell.Stop(farewell="finishing the mails in hand, then stopping")
     stop.install()
-    cli.check_database(config)
-    cli.check_smtp(config)
-    log.info("consuming from %s (%d worker(s), batch of %d)", db.where(config.database),
-             args.concurrency, config.queue.batch_size)
-    if args.concurrency == 1:
-        Consumer(config, stop).run(drain_only=args.drain)
+    cli.wait_for_database(config, stop, "consumer")
+    cli.wait_for_smtp(config, stop)
+    if stop.requested:
+        return
+    concurrency = args.concurrency or config.queue.concurrency
+    processes = min(concurrency, args.processes or config.queue.processes or supervise.cores())
+    sizes = supervise.split(concurrency, processes)
+    log.info("consuming from %s: %d mail(s) in flight over %d process(es)",
+             db.where(config.database), concurrency, processes)
+    if processes == 1:
+        Consumer(config, stop, sizes[0]).run(drain_only=args.drain)
     else:
-        run_workers(config, stop, args.concurrency, args.drain)
+        supervise.run_processes(config, stop, sizes, args.drain,
+                                lambda threads, registered: Consumer(config, stop, threads,
+                                                                     registered))
     log.info("stopped")
 
 

@@ -10,17 +10,21 @@ LOCKED. The queue's trigger then wakes the consumers.
 
 The producer LISTENs on `mailqueue_jobs`, rung by the schema's trigger when jobs
 are inserted (or put back to 'available'), and also sweeps every POLL_INTERVAL
-for retries that have come due. --once moves what is ready now and exits.
+for retries that have come due. Every HEAL_INTERVAL it also gives a queue row
+back to any job that is 'queued' without one (an admin's TRUNCATE queue): no job
+strands silently. --once moves what is ready now and exits.
 """
 
 import argparse
 import logging
+import time
 
 from mailqueue import cli, db, doorbell
 
 log = logging.getLogger("producer")
 
-POLL_INTERVAL = 1.0  # seconds: how late a retry may be queued after its run_at
+POLL_INTERVAL = 1.0   # seconds: how late a retry may be queued after its run_at
+HEAL_INTERVAL = 30.0  # seconds: how long a queued job without a queue row may wait
 JOBS_CHANNEL = "mailqueue_jobs"
 
 
@@ -39,25 +43,35 @@ class Producer:
     def __init__(self, config, stop):
         self.config = config
         self.stop = stop
+        self.next_heal = 0.0
 
     def run(self):
         doorbell.run_until_stopped(self.serve, self.stop, "producer")
 
-    def serve(self):
+    def serve(self, working):
         listen_conn = conn = None
         try:
-            listen_conn = db.connect(self.config.database, "mailqueue producer (listen)",
-                                     autocommit=True)
-            conn = db.connect(self.config.database, "mailqueue producer", autocommit=True,
-                              wait_for_flush=False)
+            listen_conn = db.connect(self.config.listen_database, "mailqueue producer (listen)")
+            conn = db.connect(self.config.database, "mailqueue producer", wait_for_flush=False)
+            working()
             for _ in doorbell.wakeups(listen_conn, JOBS_CHANNEL, POLL_INTERVAL, self.stop):
                 moved = move_ready_jobs(conn, self.config.queue.producer_batch_size)
                 if moved:
                     log.info("queued %d job(s)", moved)
+                if time.monotonic() >= self.next_heal:
+                    self.heal(conn)
             return True  # stop requested
         finally:
             db.close_quietly(listen_conn)
             db.close_quietly(conn)
+
+    def heal(self, conn):
+        """Queue rows for queued jobs that lost theirs (logged: it should not happen)."""
+        self.next_heal = time.monotonic() + HEAL_INTERVAL
+        healed = db.run(conn, "requeue_stranded_jobs")
+        if healed:
+            log.warning("%d queued job(s) had no queue row (removed by hand?): queued again",
+                        healed)
 
 
 def main(argv=None):
@@ -69,11 +83,13 @@ def main(argv=None):
     config = cli.start(args)
     stop = doorbell.Stop()
     stop.install()
-    cli.check_database(config)
+    cli.wait_for_database(config, stop, "producer")
+    if stop.requested:
+        return
     if args.once:
         conn = None
         try:
-            conn = db.connect(config.database, "mailqueue producer", autocommit=True)
+            conn = db.connect(config.database, "mailqueue producer")
             moved = move_ready_jobs(conn, config.queue.producer_batch_size)
         except db.DatabaseUnavailable as exc:
             raise SystemExit("error: %s" % exc) from None

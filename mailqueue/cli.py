@@ -2,9 +2,12 @@
 and a first look at the servers, each failure one clear line and a non-zero exit."""
 
 import logging
+import random
 
 from mailqueue import config as configuration
-from mailqueue import db, smtp
+from mailqueue import db, doorbell, smtp
+
+log = logging.getLogger("mailqueue")
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 
@@ -25,26 +28,51 @@ def start(args):
         raise SystemExit("error: %s" % exc) from None
 
 
-def check_database(config):
-    """Connect once and check that sql/schema.sql has been run."""
-    try:
-        conn = db.connect(config.database, "mailqueue check")
-    except db.DatabaseUnavailable as exc:
-        raise SystemExit("error: cannot connect to the %s" % exc) from None
-    try:
-        ready = db.run(conn, "schema_ready")[0][0]
-    finally:
-        db.close_quietly(conn)
-    if not ready:
-        raise SystemExit("error: %s has no mail queue tables yet (or the seed's old ones): "
-                         "run sql/schema.sql first" % db.where(config.database))
+def wait_for_database(config, stop, what):
+    """Connect once and check that sql/schema.sql has been run. A server that is
+    not up yet (refused, timed out, a name that does not resolve yet) is waited
+    for, one log line per try; what waiting cannot fix (a password refused, no
+    such database, the schema not applied) ends the script with one line."""
+    delay = doorbell.RECONNECT_DELAY_MIN
+    while not stop.requested:
+        try:
+            conn = db.connect(config.database, "mailqueue %s (start-up check)" % what)
+        except db.DatabaseUnavailable as exc:
+            if exc.fatal:
+                raise SystemExit("error: cannot connect to the %s" % exc) from None
+            wait = delay * random.uniform(1.0, 1.5)
+            log.warning("waiting for the %s; trying again in %.1f s", exc, wait)
+            stop.sleep(wait)
+            delay = min(delay * 2, doorbell.RECONNECT_DELAY_MAX)
+            continue
+        try:
+            ready = db.run(conn, "schema_ready")[0][0]
+        except db.Error as exc:
+            raise SystemExit("error: %s" % db.describe(exc, config.database)) from None
+        finally:
+            db.close_quietly(conn)
+        if not ready:
+            raise SystemExit("error: %s has no mail queue tables yet, or older ones: "
+                             "run sql/schema.sql first" % db.where(config.database))
+        return
 
 
-def check_smtp(config):
+def wait_for_smtp(config, stop):
+    """Connect to the SMTP server once: as wait_for_database, a server not up yet
+    is waited for; a refused login, a certificate that does not verify or a
+    missing STARTTLS end the script with one line."""
+    delay = doorbell.RECONNECT_DELAY_MIN
     sender = smtp.Sender(config.smtp)
-    try:
-        sender.connect()
-    except smtp.SmtpUnavailable as exc:
-        raise SystemExit("error: %s" % exc) from None
-    finally:
-        sender.close()
+    while not stop.requested:
+        try:
+            sender.connect()
+            return
+        except smtp.SmtpUnavailable as exc:
+            if not exc.retryable:
+                raise SystemExit("error: %s" % exc) from None
+            wait = delay * random.uniform(1.0, 1.5)
+            log.warning("waiting for the SMTP server: %s; trying again in %.1f s", exc, wait)
+            stop.sleep(wait)
+            delay = min(delay * 2, doorbell.RECONNECT_DELAY_MAX)
+        finally:
+            sender.close()

@@ -3,7 +3,6 @@
 import logging
 import os
 import re
-import select
 
 import psycopg2
 
@@ -32,138 +31,83 @@ def load_queries(path=os.path.join(SQL_DIR, "queries.sql")):
 
 QUERIES = load_queries()
 
-# The queries run for every mail or move: each connection PREPAREs them once, so
-# that the server parses and plans them once, not on every run. Not claim_batch:
-# its LIMIT is then a parameter, and a plan made while jobs was small (a new
-# installation) joins jobs by scanning it whole, until autovacuum next analyzes
-# it; planned afresh, with its LIMIT known, it takes about 0.1 ms more.
-PREPARED = ("move_ready_jobs", "mark_sent")
+# No query is PREPAREd: SQL-level PREPARE breaks behind a pooler in transaction
+# mode (the next transaction may run on another server connection), and the hot
+# queries each carry many mails (a claimed batch, a group of outcomes), so parsing
+# them is a small share of their cost.
 
-_PARAMETER = re.compile(r"%\((\w+)\)s")
-_LEADING_COMMENTS = re.compile(r"\A(?:--[^\n]*\n)*")
-
-
-def prepared_forms(name, sql):
-    """(PREPARE statement, EXECUTE statement with %(name)s parameters) for the
-    query `name`."""
-    sql = _LEADING_COMMENTS.sub("", sql)
-    names = []
-
-    def number(match):
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return "$%d" % (names.index(match.group(1)) + 1)
-
-    prepare = "PREPARE %s AS %s" % (name, _PARAMETER.sub(number, sql))
-    arguments = "(%s)" % ", ".join("%%(%s)s" % n for n in names) if names else ""
-    return prepare, "EXECUTE %s%s" % (name, arguments)
-
-
-_FORMS = {name: prepared_forms(name, QUERIES[name]) for name in PREPARED}
+# A prefix for the statements of a connection made with wait_for_flush=False (see
+# connect): one simple query is one transaction, so SET LOCAL lasts for exactly
+# that statement, even behind a pooler, where a session's SET would leak.
+_NO_FLUSH = "SET LOCAL synchronous_commit TO off; "
 
 
 class Connection(psycopg2.extensions.connection):
-    """A connection that knows which of the PREPARED queries it has prepared and,
-    if it is overlapped (see connect), which query it has under way."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prepared = set()
-        self.pending = None  # the cursor of a query start() sent
+    """A connection that knows whether its commits wait for the disk."""
+    no_flush = False
 
 
 def run(conn, name, **params):
-    """Run the query `name` of sql/queries.sql; its rows, or for a statement that
-    returns none, how many rows it changed."""
-    if conn.async_:
-        start(conn, name, **params)
-        return finish(conn)
-    with conn.cursor() as cur:
-        _execute(conn, cur, name, params)
-        return _result(cur)
-
-
-def start(conn, name, **params):
-    """On an overlapped connection: send the query `name` and return at once; the
-    query runs while the caller does something else, until finish(conn). A query
-    still under way is waited for first."""
-    finish(conn)
-    cur = conn.cursor()
-    _execute(conn, cur, name, params)
-    conn.pending = cur
-
-
-def finish(conn):
-    """Wait for the query start() sent on `conn`, if any; its result as run()
-    gives it (None if there was none)."""
-    cur, conn.pending = conn.pending, None
-    if cur is None:
-        return None
-    try:
-        _wait(conn)
-        return _result(cur)
-    finally:
-        cur.close()
-
-
-def _execute(conn, cur, name, params):
-    """Send the query `name` on `cur`; one of PREPARED is prepared first, once
-    per connection, and then EXECUTEd (on a Connection of ours: any other runs
-    the query as it is)."""
+    """Run the query `name` of sql/queries.sql in its own transaction (`conn` is
+    in autocommit mode); its rows, or for a statement that returns none, how
+    many rows it changed."""
     sql = QUERIES[name]
-    if name in _FORMS and isinstance(conn, Connection):
-        prepare, sql = _FORMS[name]
-        if name not in conn.prepared:
-            cur.execute(prepare)
-            if conn.async_:
-                _wait(conn)
-            conn.prepared.add(name)
-    cur.execute(sql, params or None)
+    if conn.no_flush:
+        sql = _NO_FLUSH + sql
+    with conn.cursor() as cur:
+        cur.execute(sql, params or None)
+        return cur.fetchall() if cur.description else cur.rowcount
 
 
-def _result(cur):
-    return cur.fetchall() if cur.description else cur.rowcount
-
-
-def _wait(conn):
-    """Until the overlapped connection `conn` is done with what it was doing."""
-    while True:
-        state = conn.poll()
-        if state == psycopg2.extensions.POLL_OK:
-            return
-        if state == psycopg2.extensions.POLL_READ:
-            select.select([conn], [], [])
-        else:  # POLL_WRITE
-            select.select([], [conn], [])
+def run_dicts(conn, name, **params):
+    """run() for a query that returns rows: each row as a dict by column name."""
+    with conn.cursor() as cur:
+        cur.execute(QUERIES[name], params or None)
+        names = [column.name for column in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 class DatabaseUnavailable(Exception):
-    """The database cannot be reached; the message is one line without the password."""
+    """The database cannot be reached; the message is one line without the password.
+    `fatal`: waiting will not help (see is_fatal)."""
+
+    def __init__(self, message, fatal=False):
+        super().__init__(message)
+        self.fatal = fatal
 
 
-def connect(database_settings, application_name, autocommit=False, wait_for_flush=True,
-            overlapped=False):
-    """A new connection with keepalives, or DatabaseUnavailable.
+def connect(database_settings, application_name, wait_for_flush=True):
+    """A new autocommit connection with keepalives, or DatabaseUnavailable.
 
-    wait_for_flush=False sets synchronous_commit off: a commit returns before its
-    WAL reaches the disk. Only for writes that a crash may undo harmlessly: the
-    producer's moves and the consumer's claims (see consumer.py, "Durability").
-
-    overlapped=True makes an asynchronous connection (always autocommit): start()
-    sends a query on it and finish() waits for the result, so that the caller
-    can do other work while the server runs the query."""
-    options = {} if wait_for_flush else {"options": "-c synchronous_commit=off"}
+    wait_for_flush=False runs its statements with synchronous_commit off: a commit
+    returns before its WAL reaches the disk. Only for writes that a crash may undo
+    harmlessly: the producer's moves (a move undone leaves the job available; and
+    a consumer's claim, which waits for the disk, makes every move before it
+    durable too, the WAL being one sequence)."""
     try:
-        conn = psycopg2.connect(application_name=application_name, **options,
-                                connection_factory=Connection, async_=overlapped,
+        conn = psycopg2.connect(application_name=application_name,
+                                connection_factory=Connection,
                                 **_CONNECT_OPTIONS, **database_settings)
-        if overlapped:
-            _wait(conn)
     except psycopg2.Error as exc:
-        raise DatabaseUnavailable(describe(exc, database_settings)) from None
-    if not overlapped:
-        conn.autocommit = autocommit
+        raise DatabaseUnavailable(describe(exc, database_settings), is_fatal(exc)) from None
+    conn.autocommit = True
+    conn.no_flush = not wait_for_flush
     return conn
+
+
+def is_fatal(exc):
+    """Whether a failed connection attempt is one that waiting cannot fix (a
+    password refused, no such database or role, the server refusing this client),
+    as opposed to a server that is not up yet or cannot be reached."""
+    text = str(exc)
+    return any(marker in text for marker in _FATAL_CONNECT_ERRORS)
+
+
+_FATAL_CONNECT_ERRORS = (
+    "password authentication failed", "no password supplied", "does not exist",
+    "no pg_hba.conf entry", "authentication failed", "permission denied",
+    "invalid connection option", "unsupported startup parameter",
+)
 
 
 def describe(exc, database_settings=None):

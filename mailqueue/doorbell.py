@@ -1,9 +1,11 @@
-"""LISTEN/NOTIFY as a doorbell, graceful stop, and reconnecting with backoff.
+"""Every wake-up of a loop, in one place: LISTEN/NOTIFY as a doorbell, rings from
+the process's own threads, stop signals, and the poll timeout; and reconnecting
+with backoff.
 
 A notification only says "there may be work": its payload is empty, and every
-wake-up (start-up, notification, poll timeout) runs the same work function. A
-lost notification therefore delays work by one poll interval at most, never
-strands it. Shared by consumer.py and producer.py.
+wake-up (start-up, notification, ring, poll timeout) runs the same work
+function. A lost notification therefore delays work by one poll interval at
+most, never strands it. Shared by consumer.py and producer.py.
 """
 
 import logging
@@ -57,7 +59,8 @@ class Stop:
     In a worker process (`parent` set), it is also set once the parent asks
     (through shared memory, see share()) or is gone."""
 
-    def __init__(self):
+    def __init__(self, farewell="stopping"):
+        self.farewell = farewell  # what a stop signal makes happen, for the log
         self._requested = False
         self.parent = None
         self._shared = None
@@ -85,8 +88,7 @@ class Stop:
 
     def _on_signal(self, signum, frame):
         if not self._requested:
-            log.info("%s received: finishing the mail in hand, then stopping",
-                     signal.Signals(signum).name)
+            log.info("%s received: %s", signal.Signals(signum).name, self.farewell)
         self.requested = True
 
     def sleep(self, seconds):
@@ -96,12 +98,29 @@ class Stop:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
+RING = int(signal.SIGUSR2)  # the byte a thread writes to wake the loop; never a stop signal
+
+
+def ring():
+    """Wake the loop of this process now (from any thread): it runs its work as on
+    a notification. Before the loop waits for the first time, a ring is not
+    needed: it works once at start-up anyway."""
+    if _wakeup_pipe is not None:
+        try:
+            os.write(_wakeup_pipe[1], bytes([RING]))
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the loop has been rung already) or closed
+
+
 def wakeups(listen_conn, channel, poll_interval, stop):
-    """Yield "start-up" once LISTEN is in place, then "notification" or "timeout"
-    at each wake-up, until a stop is requested.
+    """Yield "start-up" once LISTEN is in place, then "notification", "ring" or
+    "timeout" at each wake-up, until a stop is requested. Runs on the main thread
+    (signals can only be handled there).
 
     `listen_conn` must be an autocommit connection used for nothing else: a query
-    on it would swallow notifications that pgnotify then never sees.
+    on it would swallow notifications that pgnotify then never sees. The one
+    query run on it, at each timeout, keeps it from being closed as idle
+    (idle_session_timeout), and what it swallows is looked at at once.
     """
     pgnotify.start_listening(listen_conn, [channel])  # LISTEN before the first look
     if stop.requested:
@@ -115,34 +134,52 @@ def wakeups(listen_conn, channel, poll_interval, stop):
             # While it waits, pgnotify puts a do-nothing handler on our signals
             # and reports them here; ours must be back in place during the work.
             stop.install()
-            if isinstance(event, int):  # a signal number
+            if event == RING:
+                reason = "ring"
+            elif isinstance(event, int):  # a stop signal's number
                 stop.requested = True
+            elif event is None:
+                reason = "timeout"
+                with listen_conn.cursor() as cur:
+                    cur.execute(db.QUERIES["keep_alive"])
+                if listen_conn.notifies:
+                    del listen_conn.notifies[:]
+                    reason = "notification"
+            else:
+                reason = "notification"
             if stop.requested:
                 return
-            yield "notification" if event else "timeout"
+            yield reason
     finally:
         events.close()
 
 
 def run_until_stopped(serve, stop, what):
-    """Call serve() until it returns True or a stop is requested. A database or
-    SMTP server that goes away is waited for, with exponential backoff."""
-    delay = RECONNECT_DELAY_MIN
+    """Call serve(working) until it returns True or a stop is requested. A
+    database or SMTP server that goes away, or is not up yet, is waited for with
+    exponential backoff, one log line per try; serve calls working() once its
+    connections work, and the next wait starts from the shortest again."""
+    delay = [RECONNECT_DELAY_MIN]
+
+    def working():
+        delay[0] = RECONNECT_DELAY_MIN
+
     while not stop.requested:
-        started = time.monotonic()
         try:
-            if serve():
+            if serve(working):
                 return
             continue
         except db.CONNECTION_ERRORS as exc:
             problem = "lost the database connection: %s" % db.describe(exc)
         except db.DatabaseUnavailable as exc:
-            problem = str(exc)
+            if exc.fatal:
+                raise
+            problem = "cannot reach the %s" % exc
         except smtp.SmtpUnavailable as exc:
+            if not exc.retryable:
+                raise
             problem = str(exc)
-        if time.monotonic() - started > 10 * RECONNECT_DELAY_MAX:
-            delay = RECONNECT_DELAY_MIN  # it had been working for a good while
-        wait = delay * random.uniform(1.0, 1.5)
-        log.warning("%s %s; trying again in %.1f s", what, problem, wait)
+        wait = delay[0] * random.uniform(1.0, 1.5)
+        log.warning("%s: %s; trying again in %.1f s", what, problem, wait)
         stop.sleep(wait)
-        delay = min(delay * 2, RECONNECT_DELAY_MAX)
+        delay[0] = min(delay[0] * 2, RECONNECT_DELAY_MAX)

@@ -1,19 +1,26 @@
 -- Every query the producer and the consumer run, each under a `-- name --` header,
--- with %(name)s parameters. Loaded by mailqueue/db.py (load_queries).
+-- one statement each, with %(name)s parameters. Loaded by mailqueue/db.py (load_queries).
+-- Every one runs on its own in autocommit: no transaction is ever left open while
+-- a script waits on anything else.
+
+-- =============================================================================
+-- Producer
+-- =============================================================================
 
 -- move_ready_jobs --
--- Producer: move up to %(limit)s ready jobs (available, or failed and due for a
--- retry) into the queue, oldest first. SKIP LOCKED lets several producers run at
--- once without waiting on each other, and each job is moved exactly once: its
--- status leaves the ready set in the same statement. A job whose old queue row
--- is still there (a consumer is finishing its batch) waits for the next sweep.
+-- Move up to %(limit)s ready jobs (available, or failed and due for a retry) into
+-- the queue, highest priority first, then oldest. SKIP LOCKED lets several
+-- producers run at once without waiting on each other, and each job is moved
+-- exactly once: its status leaves the ready set in the same statement. A job whose
+-- old queue row is still there (a consumer is recording its outcome) waits for the
+-- next sweep.
 WITH ready AS (
   SELECT job_id
     FROM jobs
    WHERE status IN ('available', 'failed')
      AND run_at <= now()
      AND NOT EXISTS (SELECT 1 FROM queue WHERE queue.job_id = jobs.job_id)
-   ORDER BY run_at, job_id
+   ORDER BY priority DESC, run_at, job_id
    LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED
 ), moved AS (
@@ -21,87 +28,222 @@ WITH ready AS (
      SET status = 'queued', start_time = now(), end_time = NULL
     FROM ready
    WHERE jobs.job_id = ready.job_id
-  RETURNING jobs.job_id
+  RETURNING jobs.job_id, jobs.priority
 )
-INSERT INTO queue (job_id)
-SELECT job_id FROM moved ORDER BY job_id;
+INSERT INTO queue (job_id, priority)
+SELECT job_id, priority FROM moved ORDER BY priority DESC, job_id;
+
+-- requeue_stranded_jobs --
+-- The queue heals: a job that is 'queued' but has no queue row (an admin's
+-- TRUNCATE queue, a row deleted by hand) would never be sent; give it a row again.
+-- Safe beside everything else: a job becomes queued together with its queue row,
+-- and its row goes together with its outcome, each in one statement.
+INSERT INTO queue (job_id, priority)
+SELECT job_id, priority
+  FROM jobs
+ WHERE status = 'queued'
+   AND NOT EXISTS (SELECT 1 FROM queue WHERE queue.job_id = jobs.job_id)
+ON CONFLICT (job_id) DO NOTHING;
+
+-- =============================================================================
+-- Consumer: claims, under a lease kept alive by a heartbeat
+-- =============================================================================
+
+-- register_consumer --
+-- A consumer process starts: its row names its claims, and its heartbeat keeps
+-- them. %(lease)s seconds after its last heartbeat, anyone may free them.
+INSERT INTO consumers (name, lease_seconds)
+VALUES (%(label)s, %(lease)s)
+RETURNING consumer_id;
+
+-- heartbeat --
+-- Every few seconds, on the recording connection: keep this consumer's claims,
+-- and learn which of the rows it holds (%(held)s) are no longer its own: the job
+-- was deleted (cancelled) or its status changed by hand, the queue was truncated,
+-- or the lease ran out and someone freed them. `alive` is false when the consumer's
+-- row itself is gone: then none of its claims holds.
+WITH beat AS (
+  UPDATE consumers SET heartbeat_at = now()
+   WHERE consumer_id = %(consumer)s
+  RETURNING consumer_id
+)
+SELECT EXISTS (SELECT 1 FROM beat) AS alive,
+       ARRAY(SELECT held.queue_id
+               FROM unnest(%(held)s::int[]) AS held(queue_id)
+              WHERE NOT EXISTS (SELECT 1
+                                  FROM queue JOIN jobs ON jobs.job_id = queue.job_id
+                                 WHERE queue.queue_id = held.queue_id
+                                   AND queue.claimed_by = %(consumer)s
+                                   AND jobs.status = 'queued')) AS lost;
+
+-- free_expired_claims --
+-- Any consumer, at every poll: forget consumers whose heartbeat stopped longer
+-- than their lease ago (crashed, or cut off). The foreign key frees their claims.
+DELETE FROM consumers
+ WHERE heartbeat_at < now() - lease_seconds * interval '1 second';
+
+-- retire_consumer --
+-- A consumer stops (or its supervisor saw it die): every claim it still holds is
+-- free at once, for the others to take.
+DELETE FROM consumers WHERE consumer_id = %(consumer)s;
 
 -- claim_batch --
--- Consumer: take up to %(limit)s queue rows no other consumer holds, oldest
--- first. The transaction begun here stays open while the batch is sent, so the
--- DELETE's row locks are held until finish_batch: if this consumer dies, its
--- transaction rolls back and the rows are back in the queue at once, for
--- another consumer to take. The job's status comes along: only a 'queued' job
--- is sent (see consumer.py).
-BEGIN;
+-- Take up to %(limit)s queue rows no one holds, highest priority first, then
+-- oldest; SKIP LOCKED: consumers never wait for each other and never take the
+-- same row. The claim is committed at once, and the job's row comes along. A row
+-- whose job is no longer 'queued' is returned too: the consumer drops it unsent.
 WITH next AS (
   SELECT queue_id
     FROM queue
-   ORDER BY queue_id
+   WHERE claimed_by IS NULL
+   ORDER BY priority DESC, queue_id
    LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED
+)
+UPDATE queue
+   SET claimed_by = %(consumer)s, claimed_at = now()
+  FROM next, jobs
+ WHERE queue.queue_id = next.queue_id AND jobs.job_id = queue.job_id
+RETURNING queue.queue_id,
+          EXISTS (SELECT 1 FROM attachments WHERE attachments.job_id = jobs.job_id)
+            AS has_attachments,
+          jobs.*;
+
+-- claim_paced_batch --
+-- claim_batch under queue.rate_limit: the one token bucket of the database is
+-- locked, brought up to date (%(rate)s tokens a second, at most %(burst)s saved
+-- up), and each row claimed takes a token. One row always comes back: its
+-- tokens_left tells the consumer how long to wait; the claimed rows, if any, are
+-- the ones whose queue_id is not NULL.
+WITH bucket AS (
+  SELECT clock_timestamp() AS at,
+         LEAST(%(burst)s::float8,
+               tokens + %(rate)s * EXTRACT(EPOCH FROM clock_timestamp() - refreshed_at))
+           AS tokens
+    FROM send_rate
+   WHERE bucket = 'default'
+     FOR UPDATE
+), next AS (
+  SELECT queue_id
+    FROM queue
+   WHERE claimed_by IS NULL
+   ORDER BY priority DESC, queue_id
+   LIMIT (SELECT GREATEST(0, LEAST(%(limit)s, floor(tokens)))::int FROM bucket)
+     FOR UPDATE SKIP LOCKED
 ), claimed AS (
-  DELETE FROM queue
-   USING next
+  UPDATE queue
+     SET claimed_by = %(consumer)s, claimed_at = now()
+    FROM next
    WHERE queue.queue_id = next.queue_id
   RETURNING queue.queue_id, queue.job_id
+), spent AS (
+  UPDATE send_rate
+     SET tokens = bucket.tokens - (SELECT count(*) FROM claimed), refreshed_at = bucket.at
+    FROM bucket
+   WHERE send_rate.bucket = 'default'
+  RETURNING send_rate.tokens
 )
-SELECT claimed.queue_id, claimed.job_id, jobs.status, jobs.email, jobs.subject,
-       jobs.content_message, jobs.attempts, jobs.created_at
-  FROM claimed
-  LEFT JOIN jobs ON jobs.job_id = claimed.job_id
- ORDER BY claimed.queue_id;
+SELECT spent.tokens AS tokens_left, claimed.queue_id,
+       EXISTS (SELECT 1 FROM attachments WHERE attachments.job_id = jobs.job_id)
+         AS has_attachments,
+       jobs.*
+  FROM spent
+  LEFT JOIN claimed ON true
+  LEFT JOIN jobs ON jobs.job_id = claimed.job_id;
 
--- finish_batch --
--- Consumer, every mail of the batch recorded: the queue rows are gone for good.
-COMMIT;
+-- attachments_of --
+-- The files of the jobs just claimed (those whose has_attachments is true).
+SELECT job_id, attachment_id, filename, content_type, content, content_id
+  FROM attachments
+ WHERE job_id = ANY(%(job_ids)s::int[])
+ ORDER BY job_id, attachment_id;
 
--- release_batch --
--- Consumer, stopping mid-batch or failing: the rows not yet finished are back.
-ROLLBACK;
+-- free_unknown_claims --
+-- After a claim whose reply was lost with its connection: it may have been
+-- committed, so rows may be claimed for this consumer that it never heard of.
+-- Free every claim of this consumer that it does not hold (%(held)s).
+UPDATE queue
+   SET claimed_by = NULL, claimed_at = NULL
+ WHERE claimed_by = %(consumer)s AND queue_id <> ALL(%(held)s::int[]);
+
+-- =============================================================================
+-- Consumer: outcomes, many committed together
+-- =============================================================================
+
+-- record_outcomes --
+-- The outcomes of many mails, in one statement (one commit): the recorder
+-- commits every outcome pending at that moment. Each array holds one element per
+-- mail; kind is one of
+--   sent      the server accepted it: completed
+--   failed    an attempt failed for a reason that may pass: retried in delay seconds
+--   dead      given up (attempted: 1 if a send was attempted, 0 if not)
+--   released  not attempted (throttled, the connection lost before its content,
+--             stopping): the row goes back to the queue, no attempt spent
+--   dropped   the job is no longer queued (finished, cancelled): the row goes
+-- A job is changed only while it is 'queued', so recording an outcome twice (on a
+-- new connection, after the first one's reply was lost) changes nothing the second
+-- time, and a job someone else finished is never overwritten. Each attempt is
+-- logged in deliveries, in the same statement: the two never disagree.
+WITH outcome AS (
+  SELECT *
+    FROM unnest(%(queue_ids)s::int[], %(job_ids)s::int[], %(kinds)s::text[],
+                %(attempted)s::int[], %(errors)s::text[], %(delays)s::float8[],
+                %(codes)s::int[], %(started)s::float8[])
+         AS o(queue_id, job_id, kind, attempted, error, delay, smtp_code, started)
+), finished AS (
+  DELETE FROM queue
+   USING outcome
+   WHERE queue.queue_id = outcome.queue_id AND outcome.kind <> 'released'
+), released AS (
+  UPDATE queue
+     SET claimed_by = NULL, claimed_at = NULL
+    FROM outcome
+   WHERE queue.queue_id = outcome.queue_id AND outcome.kind = 'released'
+     AND queue.claimed_by = %(consumer)s
+), recorded AS (
+  UPDATE jobs
+     SET status = CASE outcome.kind WHEN 'sent' THEN 'completed' ELSE outcome.kind END,
+         end_time = CASE WHEN outcome.kind = 'failed' THEN NULL ELSE now() END,
+         attempts = jobs.attempts + outcome.attempted,
+         last_error = outcome.error,
+         run_at = CASE WHEN outcome.kind = 'failed'
+                       THEN now() + outcome.delay * interval '1 second'
+                       ELSE jobs.run_at END
+    FROM outcome
+   WHERE jobs.job_id = outcome.job_id AND jobs.status = 'queued'
+     AND outcome.kind IN ('sent', 'failed', 'dead')
+  RETURNING jobs.job_id, jobs.attempts, outcome.kind, outcome.smtp_code, outcome.error,
+            outcome.started
+)
+INSERT INTO deliveries (job_id, attempt, started_at, finished_at, outcome, smtp_code, detail)
+SELECT job_id, GREATEST(attempts, 1), to_timestamp(started), now(), kind, smtp_code, error
+  FROM recorded;
+
+-- ring_consumers --
+-- Rows are back in the queue (a consumer stopped or freed claims): wake the
+-- other consumers at once.
+SELECT pg_notify('mailqueue_queue', '');
 
 -- queue_is_empty --
 -- Consumer --drain: true when no queue row is left, held by anyone or not.
 SELECT NOT EXISTS (SELECT 1 FROM queue) AS empty;
 
--- mark_sent --
--- Consumer, on its recording connection, right after the SMTP server accepted
--- the mail. Guarded by status: a job someone else finished is never overwritten.
-UPDATE jobs
-   SET status = 'completed', end_time = now(), attempts = attempts + 1,
-       last_error = NULL
- WHERE job_id = %(job_id)s AND status = 'queued';
-
--- schedule_retry --
--- Consumer: the attempt failed for a reason that may pass; try again in
--- %(delay)s seconds (the producer re-queues the job once run_at has come).
-UPDATE jobs
-   SET status = 'failed', attempts = attempts + 1, last_error = %(error)s,
-       run_at = now() + %(delay)s * interval '1 second'
- WHERE job_id = %(job_id)s AND status = 'queued';
-
--- mark_dead --
--- Consumer: give up on the job (permanent rejection, bad input, or no attempts
--- left). %(attempted)s is 1 when a send was attempted, 0 when the job was
--- refused before any send.
-UPDATE jobs
-   SET status = 'dead', end_time = now(), attempts = attempts + %(attempted)s,
-       last_error = %(error)s
- WHERE job_id = %(job_id)s AND status = 'queued';
+-- =============================================================================
+-- Start-up and reports
+-- =============================================================================
 
 -- status_counts --
 -- Reports: how many jobs are in each status.
 SELECT status, count(*) AS jobs FROM jobs GROUP BY status ORDER BY status;
 
--- ring_consumers --
--- Consumer, stopping with part of a batch unsent: the rows are back in the
--- queue, so wake the other consumers at once.
-SELECT pg_notify('mailqueue_queue', '');
-
 -- schema_ready --
--- Start-up check: sql/schema.sql has been run (the queue table exists and jobs
--- has the columns the schema adds).
-SELECT to_regclass('queue') IS NOT NULL
+-- Start-up check: sql/schema.sql (this version of it) has been run.
+SELECT to_regclass('consumers') IS NOT NULL
        AND EXISTS (SELECT 1 FROM pg_attribute
-                    WHERE attrelid = to_regclass('jobs') AND attname = 'run_at'
+                    WHERE attrelid = to_regclass('queue') AND attname = 'claimed_by'
                       AND NOT attisdropped) AS ready;
+
+-- keep_alive --
+-- On a LISTEN connection at each poll timeout: a server's idle_session_timeout
+-- never closes it for being idle.
+SELECT 1;

@@ -9,6 +9,13 @@
 -- =============================================================================
 
 
+-- Re-running this script on a live queue must never stall it: every object is
+-- looked up in the catalog before anything takes a lock, and a lock that must be
+-- waited for (an application transaction holding jobs) is waited for 5 s at most;
+-- the script then stops with "canceling statement due to lock timeout": run it
+-- again later. Nothing is half done (each part is one transaction).
+SET lock_timeout = '5s';
+
 -- =============================================================================
 -- Tables
 -- =============================================================================
@@ -44,6 +51,28 @@ CREATE TABLE IF NOT EXISTS queue (
   job_id INTEGER
 );
 
+-- consumers: one row per running consumer process, kept alive by its heartbeat.
+-- A queue row it has claimed names it (queue.claimed_by). If its heartbeat stops
+-- for longer than its lease (a crash), any consumer deletes the row, and the
+-- foreign key frees its claims for others.
+CREATE TABLE IF NOT EXISTS consumers (
+  consumer_id SERIAL PRIMARY KEY,
+  name VARCHAR NOT NULL,                -- host and process id, for people
+  lease_seconds REAL NOT NULL,          -- its claims outlive its last heartbeat by this long
+  started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- send_rate: the token bucket behind queue.rate_limit, shared by every consumer
+-- of the database on any host: a claim takes a token per mail.
+CREATE TABLE IF NOT EXISTS send_rate (
+  bucket VARCHAR PRIMARY KEY,
+  tokens DOUBLE PRECISION NOT NULL DEFAULT 0,   -- mails that may be claimed now
+  refreshed_at TIMESTAMPTZ NOT NULL DEFAULT now()  -- when tokens was last brought up to date
+);
+INSERT INTO send_rate (bucket)
+SELECT 'default' WHERE NOT EXISTS (SELECT 1 FROM send_rate WHERE bucket = 'default');
+
 -- deliveries: one row per send attempt, written in the same transaction as the
 -- job's outcome, so that the two never disagree (the attempt log of reports).
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -65,39 +94,45 @@ DECLARE
 BEGIN
   FOR col IN SELECT * FROM (VALUES
     -- the subject line; NULL means the configured default subject
-    ('subject',    'VARCHAR'),
+    ('jobs', 'subject',    'VARCHAR'),
     -- how many times a send was attempted
-    ('attempts',   'INTEGER NOT NULL DEFAULT 0'),
+    ('jobs', 'attempts',   'INTEGER NOT NULL DEFAULT 0'),
     -- why the last attempt failed, readable by people (NULL after a success)
-    ('last_error', 'TEXT'),
+    ('jobs', 'last_error', 'TEXT'),
     -- not before: the producer queues the job only once this time has come
     -- (set in the future to schedule a mail; set by the consumer for a retry)
-    ('run_at',     'TIMESTAMPTZ NOT NULL DEFAULT now()'),
+    ('jobs', 'run_at',     'TIMESTAMPTZ NOT NULL DEFAULT now()'),
     -- when the job was inserted; also makes each job's Message-ID unique
-    ('created_at', 'TIMESTAMPTZ NOT NULL DEFAULT now()'),
+    ('jobs', 'created_at', 'TIMESTAMPTZ NOT NULL DEFAULT now()'),
     -- the HTML body; with content_message the mail is multipart/alternative
-    ('html_message', 'TEXT'),
+    ('jobs', 'html_message', 'TEXT'),
     -- this job's From and envelope sender; NULL means the configured smtp.sender
-    ('sender', 'VARCHAR'),
+    ('jobs', 'sender', 'VARCHAR'),
     -- one address for Reply-To
-    ('reply_to', 'VARCHAR'),
+    ('jobs', 'reply_to', 'VARCHAR'),
     -- more recipients: Cc is a header; Bcc addresses go in the envelope only
-    ('cc', 'TEXT[]'),
-    ('bcc', 'TEXT[]'),
+    ('jobs', 'cc', 'TEXT[]'),
+    ('jobs', 'bcc', 'TEXT[]'),
     -- extra headers, a JSON object of strings, e.g. {"List-Unsubscribe": "<https://...>"}
-    ('headers', 'JSONB'),
+    ('jobs', 'headers', 'JSONB'),
     -- larger goes first, in the producer's move and in the consumer's claim
-    ('priority', 'INTEGER NOT NULL DEFAULT 0'),
+    ('jobs', 'priority', 'INTEGER NOT NULL DEFAULT 0'),
     -- not sent after this: the job becomes dead, and spends no attempt
-    ('expires_at', 'TIMESTAMPTZ'),
+    ('jobs', 'expires_at', 'TIMESTAMPTZ'),
     -- the application's key: INSERT ... ON CONFLICT (idempotency_key) DO NOTHING
-    ('idempotency_key', 'VARCHAR')
-  ) AS wanted(name, definition)
+    ('jobs', 'idempotency_key', 'VARCHAR'),
+    -- the consumer whose claim the row is under; NULL: waiting for one
+    ('queue', 'claimed_by', 'INTEGER'),
+    -- when that claim was made
+    ('queue', 'claimed_at', 'TIMESTAMPTZ'),
+    -- the job's priority, copied when it is queued: larger is claimed first
+    ('queue', 'priority', 'INTEGER NOT NULL DEFAULT 0')
+  ) AS wanted(tbl, name, definition)
   LOOP
     IF NOT EXISTS (SELECT 1 FROM pg_attribute
-                   WHERE attrelid = 'jobs'::regclass AND attname = col.name
+                   WHERE attrelid = col.tbl::regclass AND attname = col.name
                      AND NOT attisdropped) THEN
-      EXECUTE format('ALTER TABLE jobs ADD COLUMN %I %s', col.name, col.definition);
+      EXECUTE format('ALTER TABLE %I ADD COLUMN %I %s', col.tbl, col.name, col.definition);
     END IF;
   END LOOP;
 END
@@ -132,7 +167,11 @@ BEGIN
     ('queue', 'queue_job_id_present', 'CHECK (job_id IS NOT NULL)'),
     -- a queue row names a job that exists; deleting a job removes it from the queue
     ('queue', 'queue_job_id_fkey',
-     'FOREIGN KEY (job_id) REFERENCES jobs (job_id) ON DELETE CASCADE')
+     'FOREIGN KEY (job_id) REFERENCES jobs (job_id) ON DELETE CASCADE'),
+    -- a claim names a live consumer; deleting a consumer (gone, or its lease run
+    -- out) frees its claims
+    ('queue', 'queue_claimed_by_fkey',
+     'FOREIGN KEY (claimed_by) REFERENCES consumers (consumer_id) ON DELETE SET NULL')
   ) AS wanted(tbl, name, definition)
   LOOP
     IF NOT EXISTS (SELECT 1 FROM pg_constraint
@@ -168,10 +207,40 @@ $$;
 -- Indexes
 -- =============================================================================
 
--- The producer's search for ready work: only available and failed jobs are in
--- it, so it never scans the history of completed and dead jobs.
-CREATE INDEX IF NOT EXISTS jobs_ready_idx ON jobs (run_at, job_id)
-  WHERE status IN ('available', 'failed');
+-- Each index is created only if the catalog lacks it: CREATE INDEX IF NOT EXISTS
+-- would take a SHARE lock on its table (and stall every writer behind it) even
+-- when the index is there.
+DO $$
+DECLARE
+  idx RECORD;
+BEGIN
+  FOR idx IN SELECT * FROM (VALUES
+    -- The producer's search for ready work, highest priority first: only
+    -- available and failed jobs are in it, so it never scans the history of
+    -- completed and dead jobs.
+    ('jobs_ready_by_priority_idx',
+     'ON jobs (priority DESC, run_at, job_id) WHERE status IN (''available'', ''failed'')'),
+    -- The producer's sweep for queued jobs that lost their queue row (an admin's
+    -- TRUNCATE queue): only queued jobs are in it.
+    ('jobs_queued_idx', 'ON jobs (job_id) WHERE status = ''queued'''),
+    -- The consumers' claim: only rows no consumer holds are in it, in the order
+    -- they are claimed.
+    ('queue_waiting_idx', 'ON queue (priority DESC, queue_id) WHERE claimed_by IS NULL'),
+    -- A consumer's own claims (its heartbeat, and freeing them when it goes): only
+    -- claimed rows are in it.
+    ('queue_claimed_by_idx', 'ON queue (claimed_by) WHERE claimed_by IS NOT NULL')
+  ) AS wanted(name, definition)
+  LOOP
+    IF to_regclass(idx.name) IS NULL THEN
+      EXECUTE format('CREATE INDEX %I %s', idx.name, idx.definition);
+    END IF;
+  END LOOP;
+  -- Replaced by jobs_ready_by_priority_idx (the order now starts with priority).
+  IF to_regclass('jobs_ready_idx') IS NOT NULL THEN
+    DROP INDEX jobs_ready_idx;
+  END IF;
+END
+$$;
 
 
 -- =============================================================================

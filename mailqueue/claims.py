@@ -1,0 +1,89 @@
+"""What a consumer process holds: its claims, and whether they still hold.
+
+A claim is a queue row whose claimed_by names this process's row in `consumers`.
+It is committed at once (no transaction stays open while mail is sent), and it
+holds as long as the process's heartbeat keeps its row alive: if the heartbeat
+stops for `lease` seconds, anyone may free the claims (sql/queries.sql,
+free_expired_claims). So the process must stop sending before that can happen,
+by its own clock: a claim may be sent only until `lease - margin` seconds after
+the last heartbeat that was *sent* and came back (the server set heartbeat_at
+after we sent it, so its count starts later than ours). A heartbeat also names
+the rows held that are no longer ours (a job deleted, its status changed by hand,
+the queue truncated): those are not sent either.
+"""
+
+import threading
+import time
+
+
+def lease_margin(lease):
+    """Seconds of the lease the process never uses: for the clocks, the time a
+    write takes, and a heartbeat that comes back late."""
+    return max(0.5, 0.2 * lease)
+
+
+class Claims:
+    def __init__(self, lease, clock=time.monotonic):
+        self.lease = lease
+        self.clock = clock
+        self.changed = threading.Condition()  # notified on every heartbeat and outcome
+        self.consumer_id = None
+        self.held = {}       # queue_id -> job, from the claim until its outcome is durable
+        self.lost = set()    # queue_ids held that are no longer ours
+        self.valid_until = 0.0
+
+    def registered(self, consumer_id, sent_at):
+        with self.changed:
+            self.consumer_id = consumer_id
+            self._renew(sent_at)
+
+    def _renew(self, sent_at):
+        self.valid_until = sent_at + self.lease - lease_margin(self.lease)
+        self.changed.notify_all()
+
+    def add(self, jobs):
+        with self.changed:
+            for job in jobs:
+                self.held[job["queue_id"]] = job
+
+    def forget(self, queue_ids):
+        """Their outcomes are durable (or they were never ours)."""
+        with self.changed:
+            for queue_id in queue_ids:
+                self.held.pop(queue_id, None)
+                self.lost.discard(queue_id)
+            self.changed.notify_all()
+
+    def held_ids(self):
+        with self.changed:
+            return list(self.held)
+
+    def beat(self, sent_at, alive, lost):
+        """A heartbeat came back: the lease runs on from `sent_at`, or, if our row
+        is gone (`alive` false), nothing we hold is ours any more."""
+        with self.changed:
+            if alive:
+                self.lost.update(q for q in lost if q in self.held)
+                self._renew(sent_at)
+            else:
+                self.lost.update(self.held)
+                self.consumer_id = None
+                self.valid_until = 0.0
+                self.changed.notify_all()
+
+    def is_lost(self, queue_id):
+        with self.changed:
+            return queue_id in self.lost
+
+    def lease_holds(self):
+        return self.consumer_id is not None and self.clock() < self.valid_until
+
+    def may_send(self, queue_id):
+        """Whether the content of this claim's mail may go now."""
+        with self.changed:
+            return queue_id not in self.lost and self.lease_holds()
+
+    def wait(self, timeout):
+        """Until something changes (a heartbeat, an outcome), or `timeout` seconds."""
+        with self.changed:
+            self.changed.wait(timeout)

@@ -1,0 +1,146 @@
+"""How fast a consumer process may claim mails: the server's throttling replies.
+
+queue.rate_limit, the limit across every consumer, lives in PostgreSQL (the
+token bucket of sql/queries.sql, claim_paced_batch). This module is the other
+brake, local to one process: a Governor that slows down when the SMTP server
+says we send too fast (SES's "454 Throttling failure", Gmail's "421 Try again
+later"...), and speeds up again step by step while no such reply comes, the way
+TCP finds a path's capacity: halve at once, climb back quickly to just under the
+rate that was too fast, then probe past it slowly.
+"""
+
+import collections
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+MIN_RATE = 1.0           # mails per second: never slower than this
+CUT_COOLDOWN = 1.0       # seconds: throttled replies within this time of a cut are one event
+STEP_INTERVAL = 1.0      # seconds between two speed-ups
+RECOVERED_AFTER = 10.0   # seconds without throttling, past the old ceiling: no limit
+MEASURE_WINDOW = 2.0     # seconds of sent mails over which the rate is measured
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up."""
+
+    def __init__(self, rate, burst, clock=time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = burst
+        self.at = clock()
+
+    def _refill(self):
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+    def take(self, wanted):
+        """Up to `wanted` whole tokens, taken now."""
+        self._refill()
+        granted = max(0, min(wanted, int(self.tokens)))
+        self.tokens -= granted
+        return granted
+
+    def give_back(self, count):
+        self.tokens = min(self.burst, self.tokens + count)
+
+    def wait_time(self):
+        """Seconds until one whole token is there."""
+        self._refill()
+        return max(0.0, (1 - self.tokens) / self.rate)
+
+
+def burst_for(rate):
+    """Tokens a bucket may save up: a twentieth of a second's worth (at least one),
+    so that no one-second window sees much more than `rate` mails."""
+    return max(1.0, rate / 20.0)
+
+
+class Governor:
+    """This process's own speed limit, set by the server's throttling replies.
+    Thread-safe enough for its use: the sending threads call sent() and
+    throttled(); the claiming thread calls grant()/give_back()/wait_time()."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.bucket = None          # None: no limit
+        self.ceiling = None         # the rate at which the server last throttled us
+        self.last_cut = -CUT_COOLDOWN
+        self.last_step = 0.0
+        self.last_throttled = 0.0
+        self.sent_at = collections.deque()
+
+    @property
+    def rate(self):
+        return self.bucket.rate if self.bucket else None
+
+    def sent(self):
+        now = self.clock()
+        self.sent_at.append(now)
+        while self.sent_at and self.sent_at[0] < now - MEASURE_WINDOW:
+            self.sent_at.popleft()
+
+    def measured_rate(self):
+        now = self.clock()
+        while self.sent_at and self.sent_at[0] < now - MEASURE_WINDOW:
+            self.sent_at.popleft()
+        return len(self.sent_at) / MEASURE_WINDOW
+
+    def throttled(self, reason):
+        """The server said we send too fast: halve the rate (once per episode)."""
+        now = self.clock()
+        self.last_throttled = now
+        if now - self.last_cut < CUT_COOLDOWN:
+            return
+        current = self.rate if self.bucket else max(self.measured_rate(), MIN_RATE)
+        self.ceiling = current
+        new_rate = max(MIN_RATE, current / 2)
+        if self.bucket is None:
+            log.warning("the SMTP server throttles us (%s): slowing down to %.1f mails/s",
+                        reason, new_rate)
+            self.bucket = TokenBucket(new_rate, burst_for(new_rate), self.clock)
+            self.bucket.tokens = 0
+        else:
+            log.debug("throttled again: %.1f mails/s", new_rate)
+            self._set_rate(new_rate)
+        self.last_cut = self.last_step = now
+
+    def _set_rate(self, rate):
+        self.bucket.rate = rate
+        self.bucket.burst = burst_for(rate)
+        self.bucket.tokens = min(self.bucket.tokens, self.bucket.burst)
+
+    def step(self):
+        """Called often by the claiming thread: speed up while no throttling comes."""
+        if self.bucket is None:
+            return
+        now = self.clock()
+        if now - self.last_step < STEP_INTERVAL:
+            return
+        self.last_step = now
+        rate = self.bucket.rate
+        if rate < 0.9 * self.ceiling:
+            rate = min(0.9 * self.ceiling, rate + 0.1 * self.ceiling)
+        elif rate < self.ceiling:
+            rate += 0.02 * self.ceiling
+        else:
+            rate *= 1.1
+        if rate > self.ceiling and now - self.last_throttled > RECOVERED_AFTER:
+            log.warning("no throttling for %.0f s: back to full speed", RECOVERED_AFTER)
+            self.bucket = self.ceiling = None
+            return
+        self._set_rate(rate)
+
+    def grant(self, wanted):
+        """How many of `wanted` mails may be claimed now."""
+        return wanted if self.bucket is None else self.bucket.take(wanted)
+
+    def give_back(self, count):
+        if self.bucket is not None and count > 0:
+            self.bucket.give_back(count)
+
+    def wait_time(self):
+        return 0.0 if self.bucket is None else self.bucket.wait_time()
