@@ -9,6 +9,7 @@ SmtpSink is aiosmtpd on 127.0.0.1, keeping what it receives in memory and, if
 asked, in a Maildir; `behaviour` can make it refuse or fail mails.
 """
 
+import asyncio
 import atexit
 import importlib.util
 import inspect
@@ -151,20 +152,26 @@ class SmtpSink:
     behaviour(envelope) may return an SMTP reply such as "451 4.3.0 try later"
     to refuse the mail at DATA, SmtpSink.DROP to close the connection without a
     reply, or None to accept it; it may be a coroutine function (to be slow).
+    mail_behaviour(session) is the same at MAIL FROM (session.mails counts the
+    mails accepted on that connection). Each envelope notes when its MAIL FROM
+    came (envelope.began), so that two copies of one mail in flight at once show.
     """
 
     DROP = "drop the connection"
 
-    def __init__(self, maildir=None, behaviour=None, pipelining=True, **controller_options):
+    def __init__(self, maildir=None, behaviour=None, pipelining=True, mail_behaviour=None,
+                 port=None, **controller_options):
         self.maildir = maildir
         self.pipelining = pipelining  # offer PIPELINING (RFC 2920), as Postfix does
         self.behaviour = behaviour
+        self.mail_behaviour = mail_behaviour
         self.controller_options = controller_options
         self.received = []       # (mail_from, [rcpt_tos], content bytes, arrival time)
+        self.began = []          # when each received mail's MAIL FROM came, in the same order
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
         self.controller = None
-        self.port = None
+        self.port = port
 
     def start(self):
         """Listen (again, on the same port after a stop)."""
@@ -186,6 +193,20 @@ class SmtpSink:
             responses.insert(-1, "250-PIPELINING")
         return responses
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        reply = self.mail_behaviour(session) if self.mail_behaviour else None
+        if reply == self.DROP:
+            server.transport.close()
+            return "421 4.3.0 closing"  # never reaches the client
+        if reply:
+            if reply.startswith("421"):  # closing: the reply goes out first
+                asyncio.get_running_loop().call_soon(server.transport.close)
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.began = time.time()
+        return "250 OK"
+
     async def handle_DATA(self, server, session, envelope):
         reply = self.behaviour(envelope) if self.behaviour else None
         if inspect.isawaitable(reply):
@@ -198,6 +219,8 @@ class SmtpSink:
         with self.arrived:
             self.received.append((envelope.mail_from, list(envelope.rcpt_tos),
                                   envelope.content, time.time()))
+            self.began.append(getattr(envelope, "began", None))
+            session.mails = getattr(session, "mails", 0) + 1
             self.arrived.notify_all()
         if self.maildir:
             self._store(envelope.content)

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from mailqueue.devservers import free_port
+from helpers import Forwarder, query, wait_until
+from mailqueue.devservers import SmtpSink, free_port
 
 SCRIPTS = ["consumer.py", "producer.py"]
 
@@ -45,22 +46,45 @@ def test_misspelt_key(script, scripts, make_config):
     assert_one_clear_line(scripts.run(script, "--config", config), "unknown key queue.max_atempts")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_unreachable_database(script, scripts, make_config, tmp_path):
-    path = make_config()
+def test_a_database_and_an_smtp_server_that_are_not_up_yet_are_waited_for(
+        db, postgres, smtp, make_config, scripts):
+    late_db, late_smtp = free_port(), free_port()
+    path = make_config(smtp_overrides={"port": late_smtp})
     config = json.loads(open(path).read())
-    config["database"]["port"] = free_port()
-    config["database"]["password"] = "hunter2-secret"
+    config["database"].update(port=late_db, password="hunter2-secret")
     open(path, "w").write(json.dumps(config))
-    result = scripts.run(script, "--config", path)
-    assert_one_clear_line(result, "cannot connect", str(config["database"]["port"]))
-    assert "hunter2-secret" not in result.stderr
+    producer = scripts.start("producer.py", "--config", path)
+    consumer = scripts.start("consumer.py", "--config", path)
+    for proc in (producer, consumer):  # one line per try, backing off
+        wait_until(lambda: scripts.log_of(proc).count("waiting for the database") >= 2,
+                   what="two tries")
+    forwarder = Forwarder(late_db, postgres.settings_for("x")["port"]).listen()
+    try:
+        wait_until(lambda: "waiting for the SMTP server" in scripts.log_of(consumer),
+                   what="the consumer to wait for its SMTP server next")
+        query(db, "INSERT INTO jobs (email, content_message) VALUES ('late@example.com', 'hi')")
+        late = SmtpSink(port=late_smtp).start()
+        try:
+            late.wait_for(1)
+            for proc in (producer, consumer):
+                assert scripts.stop(proc) == 0
+        finally:
+            late.stop()
+    finally:
+        forwarder.close()
+    for proc in (producer, consumer):
+        log = scripts.log_of(proc)
+        assert "hunter2-secret" not in log and "Traceback" not in log
+        assert str(late_db) in log
 
 
-def test_unreachable_smtp_server(scripts, make_config):
-    port = free_port()
-    result = scripts.run("consumer.py", "--config", make_config(smtp_overrides={"port": port}))
-    assert_one_clear_line(result, "cannot reach SMTP server", str(port))
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_what_waiting_cannot_fix_fails_at_once(script, scripts, make_config):
+    env = dict(os.environ, MAILQUEUE_DB_NAME="no_such_database_here",
+               MAILQUEUE_DB_PASSWORD="from-env")
+    result = scripts.run(script, "--config", make_config(), timeout=30, env=env)
+    assert_one_clear_line(result, "cannot connect", "no_such_database_here", "does not exist")
+    assert "from-env" not in result.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -71,10 +95,3 @@ def test_database_without_the_schema(script, scripts, postgres, make_config, tmp
         assert_one_clear_line(scripts.run(script, "--config", config), "run sql/schema.sql first")
     finally:
         postgres.drop_database(empty)
-
-
-def test_environment_overrides_the_database_password(scripts, make_config, tmp_path):
-    env = dict(os.environ, MAILQUEUE_DB_PORT=str(free_port()), MAILQUEUE_DB_PASSWORD="from-env")
-    result = scripts.run("producer.py", "--config", make_config(), "--once", env=env)
-    assert_one_clear_line(result, "cannot connect", env["MAILQUEUE_DB_PORT"])
-    assert "from-env" not in result.stderr

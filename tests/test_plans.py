@@ -7,10 +7,12 @@ import re
 import pytest
 
 from helpers import query
-from mailqueue import db as database_module
-from mailqueue.db import PREPARED, QUERIES
+from mailqueue.db import QUERIES
 
-PARAMS = {"limit": 100, "job_id": 5000, "error": "x", "delay": 60, "attempted": 1}
+PARAMS = {"limit": 100, "consumer": 1, "held": [1, 2, 3], "rate": 40.0, "burst": 2.0,
+          "queue_ids": [1, 2], "job_ids": [10001, 10002], "kinds": ["sent", "failed"],
+          "attempted": [1, 1], "errors": [None, "451 try later"], "delays": [0.0, 60.0],
+          "codes": [250, 451], "started": [0.0, 0.0]}
 
 
 @pytest.fixture
@@ -41,36 +43,14 @@ def plan_nodes(db, sql):
     return nodes
 
 
-@pytest.mark.parametrize("name", ["move_ready_jobs", "claim_batch", "mark_sent",
-                                  "schedule_retry", "mark_dead"])
+@pytest.mark.parametrize("name", ["move_ready_jobs", "requeue_stranded_jobs", "claim_batch",
+                                  "claim_paced_batch", "heartbeat", "record_outcomes"])
 def test_hot_queries_use_indexes_not_a_scan_of_jobs(history, name):
-    sql = re.sub(r"(?m)^BEGIN;$", "", QUERIES[name])  # claim_batch begins its transaction
-    nodes = plan_nodes(history, sql)  # EXPLAIN alone runs nothing
+    nodes = plan_nodes(history, QUERIES[name])  # EXPLAIN alone runs nothing
     scans = [n for n in nodes if n.get("Relation Name") == "jobs"]
     assert scans, "the query reads jobs"
     assert all(n["Node Type"] != "Seq Scan" for n in scans), [n["Node Type"] for n in scans]
     if name == "move_ready_jobs":
-        assert any(n.get("Index Name") == "jobs_ready_idx" for n in scans)
-
-
-@pytest.mark.parametrize("name", PREPARED)
-def test_prepared_plans_cached_while_jobs_was_empty_still_use_indexes(
-        postgres, database, name):
-    # A prepared query's generic plan is made once and kept until the tables'
-    # statistics change; a fresh installation makes it while jobs is empty.
-    conn = database_module.connect(postgres.settings_for(database), "plan test",
-                                   autocommit=True)
-    try:
-        if conn.server_version < 120000:
-            pytest.skip("plan_cache_mode is new in PostgreSQL 12")
-        query(conn, "SET plan_cache_mode = force_generic_plan")
-        database_module.run(conn, name, **{k: v for k, v in PARAMS.items()
-                                          if "%%(%s)s" % k in QUERIES[name]})
-        query(conn, "INSERT INTO jobs (email, content_message, status) "
-                    "SELECT 'old' || i || '@example.com', 'sent', 'completed' "
-                    "FROM generate_series(1, 10000) i")
-        nodes = plan_nodes(conn, database_module.prepared_forms(name, QUERIES[name])[1])
-    finally:
-        conn.close()
-    scans = [n["Node Type"] for n in nodes if n.get("Relation Name") == "jobs"]
-    assert scans and "Seq Scan" not in scans, scans
+        assert any(n.get("Index Name") == "jobs_ready_by_priority_idx" for n in scans)
+    if name == "requeue_stranded_jobs":
+        assert any(n.get("Index Name") == "jobs_queued_idx" for n in scans)

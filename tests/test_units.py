@@ -9,7 +9,6 @@ import pytest
 from consumer import retry_delay
 from mailqueue import addresses, config as configuration
 from mailqueue.config import ConfigError, QueueSettings, SmtpSettings
-from mailqueue.db import prepared_forms
 from mailqueue.message import BadMail, Composer
 
 CREATED = datetime.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.timezone.utc)
@@ -152,11 +151,3 @@ def test_long_unicode_subject_is_folded_into_short_encoded_words_and_reads_back(
     assert all(len(line) <= 78 for line in head)
     message = email.message_from_bytes(mail.data, policy=email.policy.default)
     assert message["Subject"] == subject
-
-
-def test_prepared_form_numbers_each_named_parameter_once():
-    prepare, execute = prepared_forms(
-        "claim", "-- what it is for\nSELECT %(a)s, %(b)s WHERE x = %(a)s")
-    assert prepare == "PREPARE claim AS SELECT $1, $2 WHERE x = $1"
-    assert execute == "EXECUTE claim(%(a)s, %(b)s)"
-    assert prepared_forms("plain", "SELECT 1") == ("PREPARE plain AS SELECT 1", "EXECUTE plain")
