@@ -36,3 +36,13 @@ GRANT UPDATE (status, start_time, end_time, attempts, last_error, run_at) ON job
 -- (UPDATE on queue only because SELECT ... FOR UPDATE requires it; no query updates it.)
 GRANT SELECT, INSERT, UPDATE, DELETE ON queue TO mailqueue_worker;
 GRANT USAGE ON SEQUENCE queue_queue_id_seq TO mailqueue_worker;
+
+-- The consumers' bookkeeping: their own rows in consumers (the heartbeat, and
+-- freeing the claims of one that is gone), the rate limit's token bucket, and the
+-- attempt log. They may read attachments, never change them.
+GRANT SELECT, INSERT, UPDATE, DELETE ON consumers TO mailqueue_worker;
+GRANT USAGE ON SEQUENCE consumers_consumer_id_seq TO mailqueue_worker;
+GRANT SELECT, UPDATE ON send_rate TO mailqueue_worker;
+GRANT SELECT, INSERT ON deliveries TO mailqueue_worker;
+GRANT USAGE ON SEQUENCE deliveries_delivery_id_seq TO mailqueue_worker;
+GRANT SELECT ON attachments TO mailqueue_worker;
