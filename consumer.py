@@ -351,6 +351,12 @@ class Consumer:
             self.give_back(job)
             self.wait_for_smtp(sender, exc)
             return None
+        except Exception as exc:  # a poison job must not take the thread down
+            log.exception("job %s: unexpected error", job["job_id"])
+            self.record_failure(job, smtp.SendError(
+                "unexpected error: %s: %s" % (type(exc).__name__, exc),
+                summary=type(exc).__name__))
+            return None
         return mail
 
     def gate(self, previous, job):

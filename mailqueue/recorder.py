@@ -61,7 +61,7 @@ class Recorder:
         self.claims = claims
         self.name = name
         self.stop = stop
-        self.beat_interval = min(claims.lease / 5.0, 2.0)  # seconds
+        self.beat_interval = min(claims.lease / 5.0, 1.0)  # seconds
         self.pending = []  # (outcome, ticket)
         self.wakeup = threading.Condition()
         self.closing = False

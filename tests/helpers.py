@@ -1,6 +1,9 @@
 """Small helpers the tests share (fixtures are in conftest.py)."""
 
+import collections
+import email
 import os
+import re
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +36,65 @@ def insert_jobs(conn, rows):
     with conn.cursor() as cur:
         values = ",".join(cur.mogrify("(%s, %s, %s)", row).decode() for row in rows)
         cur.execute("INSERT INTO jobs (email, content_message, subject) VALUES " + values)
+
+
+def queue_marked(conn, count, prefix="mark"):
+    """Insert `count` jobs, each with its own recipient and the marker
+    `prefix-N` in its body; return the markers."""
+    query(conn, "INSERT INTO jobs (email, content_message) "
+                "SELECT %s || (i - 1) || '@example.com', 'mail with marker:' || %s || '-' || (i - 1)"
+                "  FROM generate_series(1, %s) i", (prefix, prefix, count))
+    return ["%s-%d" % (prefix, i) for i in range(count)]
+
+
+_MARKER = re.compile(r"marker:(\S+)")
+
+
+def marker_of(content):
+    """The marker in a received mail's decoded body (any MIME structure)."""
+    message = email.message_from_bytes(content)
+    for part in message.walk():
+        if part.get_content_maintype() == "text":
+            found = _MARKER.search(part.get_payload(decode=True).decode("utf-8", "replace"))
+            if found:
+                return found.group(1)
+    return None
+
+
+def copies(smtp):
+    """How many times each marker arrived."""
+    return collections.Counter(marker_of(content) for _, _, content, _ in list(smtp.received))
+
+
+def arrivals(smtp):
+    """When each marker (last) arrived."""
+    return {marker_of(content): at for _, _, content, at in list(smtp.received)}
+
+
+def in_flight_together(smtp):
+    """Markers of which two copies were at the server at the same time (one's MAIL
+    FROM came before the other's content ended): two senders of one job at once."""
+    spans = collections.defaultdict(list)
+    for (_, _, content, arrived), began in zip(list(smtp.received), list(smtp.began)):
+        spans[marker_of(content)].append((began or arrived, arrived))
+    return sorted(m for m, s in spans.items() if len(s) > 1 and any(
+        a[0] < b[1] and b[0] < a[1] for i, a in enumerate(s) for b in s[i + 1:]))
+
+
+def assert_every_job_completed_once(conn, smtp, markers, max_duplicates=0, timeout=60.0):
+    """Every job completed, each marker arrived, at most `max_duplicates` repeats,
+    every repeat the very same mail (one Message-ID), and the queue empty."""
+    wait_until(lambda: status_counts(conn) == {"completed": len(markers)}, timeout=timeout,
+               what="%d completed jobs (now %s)" % (len(markers), status_counts(conn)))
+    sent = copies(smtp)
+    missing = set(markers) - set(sent)
+    assert not missing, "lost mails: %s" % sorted(missing)[:5]
+    assert sum(sent.values()) - len(sent) <= max_duplicates, sent.most_common(3)
+    ids = collections.defaultdict(set)
+    for _, _, content, _ in list(smtp.received):
+        ids[marker_of(content)].add(email.message_from_bytes(content)["Message-ID"])
+    assert all(len(i) == 1 for i in ids.values())
+    wait_until(lambda: query(conn, "SELECT count(*) FROM queue") == [(0,)], what="an empty queue")
 
 
 def recipients(smtp):
