@@ -109,8 +109,10 @@ class Consumer:
             listen_conn = db.connect(self.config.listen_database, self.app_name("listen"))
             self.register()
             working()
-            for reason in doorbell.wakeups(listen_conn, QUEUE_CHANNEL, POLL_INTERVAL, self.stop):
-                if reason in ("start-up", "timeout"):
+            next_sweep = 0.0
+            for _ in doorbell.wakeups(listen_conn, QUEUE_CHANNEL, POLL_INTERVAL, self.stop):
+                if time.monotonic() >= next_sweep:  # wake-ups may come faster than polls
+                    next_sweep = time.monotonic() + POLL_INTERVAL
                     self.free_expired_claims()
                 self.drain()
                 while drain_only and not self.stop.requested and not self.drained():

@@ -84,10 +84,14 @@ class Governor:
             self.sent_at.popleft()
 
     def measured_rate(self):
+        """Mails sent per second lately (over MEASURE_WINDOW, or since the first
+        of them if sending began more recently)."""
         now = self.clock()
         while self.sent_at and self.sent_at[0] < now - MEASURE_WINDOW:
             self.sent_at.popleft()
-        return len(self.sent_at) / MEASURE_WINDOW
+        if not self.sent_at:
+            return 0.0
+        return len(self.sent_at) / max(0.25, now - self.sent_at[0])
 
     def throttled(self, reason):
         """The server said we send too fast: halve the rate (once per episode)."""

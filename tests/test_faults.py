@@ -16,6 +16,7 @@ import pytest
 from consumer import POLL_INTERVAL
 from helpers import (arrivals, assert_every_job_completed_once, copies, in_flight_together,
                      query, queue_marked, status_counts, wait_until)
+from mailqueue.db import QUERIES
 from mailqueue.devservers import SmtpSink
 
 LEASE = 3  # seconds: a short claim lease, so that a killed consumer's jobs come back soon
@@ -62,10 +63,11 @@ def connections(db, role):
 
 
 def listeners(db):
-    """The scripts' LISTEN connections to this database that have run their LISTEN."""
+    """The scripts' LISTEN connections to this database that have run their LISTEN
+    (their last query is the LISTEN, or the keep_alive that follows each poll)."""
     return query(db, "SELECT pid, application_name FROM pg_stat_activity "
                      "WHERE datname = current_database() AND application_name LIKE '%%(listen)%%' "
-                     "AND query ILIKE 'listen%%'")
+                     "AND (query ILIKE 'listen%%' OR query = %s)", (QUERIES["keep_alive"],))
 
 
 def database_settings(postgres, database, **settings):
