@@ -2,7 +2,6 @@
 the jobs table (PgQueuer-style plan-regression guard)."""
 
 import json
-import re
 
 import pytest
 
