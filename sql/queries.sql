@@ -252,3 +252,137 @@ SELECT to_regclass('consumers') IS NOT NULL
 -- On a LISTEN connection at each poll timeout: a server's idle_session_timeout
 -- never closes it for being idle.
 SELECT 1;
+
+-- =============================================================================
+-- Operating the queue: python -m mailqueue report | dashboard | requeue | prune
+-- (mailqueue/report.py, dashboard.py, admin.py). They only read, but requeue
+-- and prune, which change finished jobs only, in short batches.
+-- =============================================================================
+
+-- ops_status_counts --
+-- Every status with its count, zeros included (the view reads partial indexes).
+SELECT status, jobs FROM mailqueue_status_counts;
+
+-- ops_finished_since --
+-- Jobs finished (completed or dead) in the last %(since)s seconds: how many were
+-- sent, and the lag end_time - start_time (the seed's measure), from
+-- jobs_finished_idx alone. end_time is a timestamp without time zone, written
+-- with now(): compared with LOCALTIMESTAMP.
+SELECT count(*) FILTER (WHERE status = 'completed') AS sent,
+       count(*) FILTER (WHERE status = 'dead') AS dead,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time)) AS p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time)) AS p95,
+       max(EXTRACT(EPOCH FROM end_time - start_time)) AS max
+  FROM jobs
+ WHERE status IN ('completed', 'dead')
+   AND end_time >= LOCALTIMESTAMP - %(since)s * interval '1 second';
+
+-- ops_waiting --
+-- The backlog (jobs due and not yet sent: available or failed with run_at come,
+-- and queued) and the age in seconds of its oldest one, since it became due
+-- (NULL when none waits). Two partial indexes, one per part.
+WITH ready AS (
+  SELECT count(*) AS jobs, min(run_at) AS oldest
+    FROM jobs
+   WHERE status IN ('available', 'failed') AND run_at <= now()
+), queued AS (
+  SELECT count(*) AS jobs, min(run_at) AS oldest
+    FROM jobs
+   WHERE status = 'queued'
+)
+SELECT ready.jobs + queued.jobs AS backlog,
+       EXTRACT(EPOCH FROM now() - LEAST(ready.oldest, queued.oldest)) AS oldest_waiting_seconds
+  FROM ready, queued;
+
+-- ops_failure_reasons --
+-- Why attempts failed in the last %(since)s seconds: up to %(limit)s reasons, the
+-- same SMTP reply for different recipients being one (mailqueue_failures), with
+-- how many jobs each.
+SELECT reason, count(DISTINCT job_id) AS jobs
+  FROM mailqueue_failures
+ WHERE finished_at >= now() - %(since)s * interval '1 second'
+ GROUP BY reason
+ ORDER BY jobs DESC, reason
+ LIMIT %(limit)s;
+
+-- ops_latest_failures --
+-- The dashboard's table: the latest %(limit)s failed or dead attempts, newest
+-- first, with the job's recipient (masked by the dashboard) and never a body.
+SELECT f.finished_at, f.job_id, f.attempt, f.outcome, f.smtp_code, f.reason, jobs.email
+  FROM mailqueue_failures f
+  JOIN jobs ON jobs.job_id = f.job_id
+ ORDER BY f.finished_at DESC
+ LIMIT %(limit)s;
+
+-- ops_per_minute --
+-- The dashboard's charts: each minute of the last hour, sent, failed and lag.
+SELECT minute, sent, failed, lag_p50_seconds, lag_p95_seconds FROM mailqueue_per_minute;
+
+-- ops_deliveries_since --
+-- Attempts logged in the last %(since)s seconds, per outcome (/metrics).
+SELECT outcome, count(*) AS deliveries
+  FROM deliveries
+ WHERE finished_at >= now() - %(since)s * interval '1 second'
+ GROUP BY outcome;
+
+-- ops_requeue --
+-- Up to %(limit)s jobs of %(status)s (dead or failed) after job %(after)s, among
+-- %(job_ids)s if not NULL and last tried within %(since)s seconds if not NULL
+-- (end_time for dead jobs, start_time, when last queued, for failed ones), back
+-- to available with attempts = 0; the schema's trigger jobs_ring_producer_on_retry
+-- wakes the producer. The caller goes on from the largest job_id returned until
+-- fewer than %(limit)s come back: each batch is one short transaction.
+WITH chosen AS (
+  SELECT job_id
+    FROM jobs
+   WHERE status = %(status)s
+     AND job_id > %(after)s
+     AND (%(job_ids)s::int[] IS NULL OR job_id = ANY(%(job_ids)s::int[]))
+     AND (%(since)s::float8 IS NULL
+          OR COALESCE(end_time, start_time) >= LOCALTIMESTAMP - %(since)s * interval '1 second')
+   ORDER BY job_id
+   LIMIT %(limit)s
+     FOR UPDATE
+), requeued AS (
+  UPDATE jobs
+     SET status = 'available', attempts = 0, run_at = now(), end_time = NULL
+    FROM chosen
+   WHERE jobs.job_id = chosen.job_id
+  RETURNING jobs.job_id
+)
+SELECT count(*) AS jobs, max(job_id) AS last FROM requeued;
+
+-- ops_requeue_count --
+-- requeue --dry-run: how many jobs ops_requeue would put back; changes nothing.
+SELECT count(*) AS jobs
+  FROM jobs
+ WHERE status = %(status)s
+   AND (%(job_ids)s::int[] IS NULL OR job_id = ANY(%(job_ids)s::int[]))
+   AND (%(since)s::float8 IS NULL
+        OR COALESCE(end_time, start_time) >= LOCALTIMESTAMP - %(since)s * interval '1 second');
+
+-- ops_prune_count --
+-- prune: how many finished jobs (completed or dead) ended more than
+-- %(older_than)s seconds ago (jobs_finished_idx alone).
+SELECT count(*) AS jobs
+  FROM jobs
+ WHERE status IN ('completed', 'dead')
+   AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second';
+
+-- ops_prune_batch --
+-- prune: delete up to %(limit)s of those (their deliveries and
+-- attachments go with them through the foreign keys). Each batch is its own short
+-- transaction; SKIP LOCKED: a row someone holds (a requeue) is left for later.
+-- Never a job that is available, queued or failed: the status is checked again
+-- at the DELETE.
+WITH doomed AS (
+  SELECT job_id
+    FROM jobs
+   WHERE status IN ('completed', 'dead')
+     AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second'
+   LIMIT %(limit)s
+     FOR UPDATE SKIP LOCKED
+)
+DELETE FROM jobs
+ USING doomed
+ WHERE jobs.job_id = doomed.job_id AND jobs.status IN ('completed', 'dead');

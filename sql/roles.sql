@@ -46,3 +46,10 @@ GRANT SELECT, UPDATE ON send_rate TO mailqueue_worker;
 GRANT SELECT, INSERT ON deliveries TO mailqueue_worker;
 GRANT USAGE ON SEQUENCE deliveries_delivery_id_seq TO mailqueue_worker;
 GRANT SELECT ON attachments TO mailqueue_worker;
+
+-- Operating the queue (python -m mailqueue report, dashboard, requeue): the
+-- worker may read the views, and the attempt log they read (granted above). The
+-- views run with their owner's rights on jobs and deliveries; prune deletes jobs,
+-- which only the owner (or a role you grant DELETE ON jobs) may do.
+GRANT SELECT ON mailqueue_status_counts, mailqueue_per_minute, mailqueue_failures
+  TO mailqueue_worker;

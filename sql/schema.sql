@@ -285,3 +285,130 @@ BEGIN
   END IF;
 END
 $$;
+
+
+-- =============================================================================
+-- Operating the queue: indexes and views for reports, the dashboard and prune
+-- (python -m mailqueue report | dashboard | prune | requeue; issue 13)
+-- =============================================================================
+
+-- Created only if the catalog lacks them, as above.
+DO $$
+DECLARE
+  idx RECORD;
+BEGIN
+  FOR idx IN SELECT * FROM (VALUES
+    -- Finished jobs by when they finished: the counts of completed and dead jobs,
+    -- the lag (end_time - start_time) over a window and prune's search, all
+    -- read from the index alone (start_time is in it). Only finished jobs are in
+    -- it, so a job gets one entry, when it finishes, and the write path pays
+    -- nothing before that.
+    ('jobs_finished_idx',
+     'ON jobs (status, end_time, start_time) WHERE status IN (''completed'', ''dead'')'),
+    -- The attempts of one job: deleting a job (prune, a cancel) deletes its
+    -- deliveries through the foreign key, which would otherwise scan them all.
+    ('deliveries_job_id_idx', 'ON deliveries (job_id)'),
+    -- Attempts by when they ended: per-minute sent and failed, the latest
+    -- failures, the per-outcome counts of /metrics, over a window.
+    ('deliveries_finished_idx', 'ON deliveries (finished_at, outcome)'),
+    -- The files of one job: the claim's EXISTS and deleting a job (prune, a
+    -- cancel) through the foreign key would otherwise scan every attachment.
+    ('attachments_job_id_idx', 'ON attachments (job_id)')
+  ) AS wanted(name, definition)
+  LOOP
+    IF to_regclass(idx.name) IS NULL THEN
+      EXECUTE format('CREATE INDEX %I %s', idx.name, idx.definition);
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- The views pgAdmin users open instead of writing SQL. Each is (re)created only
+-- when it is missing or its comment, which carries its version, differs: running
+-- the script again takes no lock on a view that is already right.
+DO $$
+DECLARE
+  v RECORD;
+BEGIN
+  FOR v IN SELECT * FROM (VALUES
+    ('mailqueue_status_counts',
+     'How many jobs are in each of the five statuses, zeros included (mailqueue view v1)',
+     -- One count per status, each written out so that it reads a partial index
+     -- (available and failed: jobs_ready_by_priority_idx; queued: jobs_queued_idx;
+     -- completed and dead: jobs_finished_idx) instead of scanning the history.
+     $v$
+SELECT 'available'::varchar AS status,
+       (SELECT count(*) FROM jobs WHERE status = 'available') AS jobs
+UNION ALL
+SELECT 'queued', (SELECT count(*) FROM jobs WHERE status = 'queued')
+UNION ALL
+SELECT 'completed', (SELECT count(*) FROM jobs WHERE status = 'completed')
+UNION ALL
+SELECT 'failed', (SELECT count(*) FROM jobs WHERE status = 'failed')
+UNION ALL
+SELECT 'dead', (SELECT count(*) FROM jobs WHERE status = 'dead')
+$v$),
+    ('mailqueue_per_minute',
+     'Each minute of the last hour: mails sent, attempts failed (failed or dead) and the lag p50/p95 in seconds (mailqueue view v1)',
+     -- sent and the lag (end_time - start_time, the seed''s measure) from the jobs
+     -- that finished in that minute; failed from the attempts logged in deliveries.
+     $v$
+WITH minutes AS (
+  SELECT generate_series(date_trunc('minute', now()) - interval '59 minutes',
+                         date_trunc('minute', now()), interval '1 minute') AS minute
+), finished AS (
+  SELECT date_trunc('minute', end_time)::timestamptz AS minute,
+         count(*) FILTER (WHERE status = 'completed') AS sent,
+         percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time))
+           AS lag_p50_seconds,
+         percentile_cont(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time))
+           AS lag_p95_seconds
+    FROM jobs
+   WHERE status IN ('completed', 'dead')
+     AND end_time >= date_trunc('minute', LOCALTIMESTAMP) - interval '59 minutes'
+   GROUP BY 1
+), failures AS (
+  SELECT date_trunc('minute', finished_at) AS minute, count(*) AS failed
+    FROM deliveries
+   WHERE finished_at >= date_trunc('minute', now()) - interval '59 minutes'
+     AND outcome IN ('failed', 'dead')
+   GROUP BY 1
+)
+SELECT minutes.minute,
+       COALESCE(finished.sent, 0) AS sent,
+       COALESCE(failures.failed, 0) AS failed,
+       finished.lag_p50_seconds,
+       finished.lag_p95_seconds
+  FROM minutes
+  LEFT JOIN finished ON finished.minute = minutes.minute
+  LEFT JOIN failures ON failures.minute = minutes.minute
+ ORDER BY minutes.minute
+$v$)
+,
+    ('mailqueue_failures',
+     'Every failed or dead send attempt, with its reason grouped across recipients (mailqueue view v1)',
+     -- reason: the attempt's detail with every address in it replaced by
+     -- <...@...> (and a bad address quoted after "email"), so that the same SMTP
+     -- reply for different recipients reads the same; the reply code first when
+     -- the detail does not carry it.
+     $v$
+SELECT delivery_id, job_id, attempt, started_at, finished_at, outcome, smtp_code,
+       CASE WHEN smtp_code IS NOT NULL AND strpos(COALESCE(detail, ''), smtp_code::text) = 0
+            THEN smtp_code || ' ' ELSE '' END
+       || regexp_replace(
+            regexp_replace(COALESCE(detail, 'no detail recorded'),
+                           '[^][:space:]<>(),;:"''[]+@[^][:space:]<>(),;:"''[]+', '...@...', 'g'),
+            '^email (''[^'']*''|"[^"]*")', 'email ...') AS reason
+  FROM deliveries
+ WHERE outcome IN ('failed', 'dead')
+$v$)
+  ) AS wanted(name, note, definition)
+  LOOP
+    IF to_regclass(v.name) IS NULL
+       OR obj_description(to_regclass(v.name), 'pg_class') IS DISTINCT FROM v.note THEN
+      EXECUTE format('CREATE OR REPLACE VIEW %I AS %s', v.name, v.definition);
+      EXECUTE format('COMMENT ON VIEW %I IS %L', v.name, v.note);
+    END IF;
+  END LOOP;
+END
+$$;

@@ -1,0 +1,103 @@
+"""python -m mailqueue report [--since 1h] [--json]: does the queue keep up, and why
+do mails fail? In words (a table a person reads) or as JSON.
+
+The JSON has exactly these keys: statuses (the five, zeros included), sent (mails
+sent in the window), sent_per_minute, lag_seconds (p50, p95 and max of
+end_time - start_time of the jobs finished in the window), oldest_waiting_seconds
+(how long the oldest job that is due and not yet sent has waited, or null) and
+failures (up to 10 {reason, jobs}: the failed and dead attempts of the window,
+the same SMTP reply for different recipients being one reason). Every figure
+comes from one query of sql/queries.sql (ops_*), each reading an index.
+"""
+
+import json
+
+from mailqueue import db
+
+STATUSES = ("available", "queued", "completed", "failed", "dead")
+MAX_REASONS = 10
+
+
+def gather(conn, since):
+    """The report of the last `since` seconds, as the JSON's dict."""
+    counts = dict(db.run(conn, "ops_status_counts"))
+    [finished] = db.run_dicts(conn, "ops_finished_since", since=since)
+    [waiting] = db.run_dicts(conn, "ops_waiting")
+    reasons = db.run_dicts(conn, "ops_failure_reasons", since=since, limit=MAX_REASONS)
+    return {
+        "statuses": {status: counts.get(status, 0) for status in STATUSES},
+        "sent": finished["sent"],
+        "sent_per_minute": round(finished["sent"] / (since / 60.0), 3),
+        "lag_seconds": {key: _seconds(finished[key]) for key in ("p50", "p95", "max")},
+        "oldest_waiting_seconds": _seconds(waiting["oldest_waiting_seconds"]),
+        "failures": [{"reason": r["reason"], "jobs": r["jobs"]} for r in reasons],
+    }
+
+
+def _seconds(value):
+    return None if value is None else round(float(value), 3)
+
+
+def as_text(report, window):
+    """The report for people; `window` as given on the command line (e.g. '1h')."""
+    lines = ["Jobs by status:"]
+    lines += ["  %-10s %10d" % (status, n) for status, n in report["statuses"].items()]
+    lag = report["lag_seconds"]
+    lines += [
+        "In the last %s:" % window,
+        "  sent       %10d  (%.1f per minute)" % (report["sent"], report["sent_per_minute"]),
+        "  lag        p50 %s, p95 %s, max %s  (end_time - start_time)"
+        % tuple(_shown(lag[k]) for k in ("p50", "p95", "max")),
+        "Oldest job waiting: %s" % (_shown(report["oldest_waiting_seconds"])
+                                    if report["oldest_waiting_seconds"] is not None
+                                    else "none is waiting"),
+    ]
+    if report["failures"]:
+        lines.append("Why attempts failed (jobs, reason):")
+        lines += ["  %6d  %s" % (f["jobs"], f["reason"]) for f in report["failures"]]
+    else:
+        lines.append("No attempt failed.")
+    return "\n".join(lines)
+
+
+def _shown(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return "%.2f s" % seconds
+    if seconds < 7200:
+        return "%.1f min" % (seconds / 60)
+    return "%.1f h" % (seconds / 3600)
+
+
+def add_arguments(parser):
+    parser.add_argument("--since", default="1h",
+                        help="the window: 30d, 12h, 15m ... (default: 1h)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args, config, since):
+    conn = connect(config, "mailqueue report")
+    try:
+        report = gather(conn, since)
+    except db.Error as exc:
+        raise SystemExit("error: %s" % query_failed(exc, config.database)) from None
+    finally:
+        db.close_quietly(conn)
+    print(json.dumps(report, indent=2) if args.json else as_text(report, args.since))
+
+
+def connect(config, application_name):
+    """A connection for a command, or SystemExit with one line."""
+    try:
+        return db.connect(config.database, application_name)
+    except db.DatabaseUnavailable as exc:
+        raise SystemExit("error: cannot connect to the %s" % exc) from None
+
+
+def query_failed(exc, database_settings):
+    """One line for a query that failed; the likely cause when the views are missing."""
+    text = db.describe(exc, database_settings)
+    if getattr(exc, "pgcode", None) == "42P01":  # undefined_table: an older schema
+        text += " (run sql/schema.sql: this version adds the views the reports read)"
+    return text
