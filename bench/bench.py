@@ -602,10 +602,13 @@ def serve_until_done(lab, build, jobs, consumers, queue, quota=None, timeout=180
     conn, config = lab.fresh(build, smtp_port=sink.port, queue=queue)
     insert_jobs(conn, jobs)
     subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
-    procs = [subprocess.Popen(build.script("consumer.py", "--config", config))
+    # Their log (a line per failed attempt, for the old consumer) goes to a file.
+    log = open(os.path.join(lab.folder, "%s.log" % conn.info.dbname), "w")
+    procs = [subprocess.Popen(build.script("consumer.py", "--config", config), stderr=log)
              for _ in range(consumers)]
     if producer:
-        procs.append(subprocess.Popen(build.script("producer.py", "--config", config)))
+        procs.append(subprocess.Popen(build.script("producer.py", "--config", config),
+                                      stderr=log))
     try:
         deadline = time.monotonic() + timeout
         while pending(conn) and time.monotonic() < deadline:
@@ -615,6 +618,7 @@ def serve_until_done(lab, build, jobs, consumers, queue, quota=None, timeout=180
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait()
+        log.close()
     arrivals, throttled = sink.stop()
     result = statuses(conn)
     conn.close()
