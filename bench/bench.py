@@ -625,17 +625,46 @@ def serve_until_done(lab, build, jobs, consumers, queue, quota=None, timeout=180
     return arrivals, throttled, result
 
 
+def profile(lab, build, count, folder):
+    """Where one consumer process's CPU goes (--processes 1, the default
+    concurrency, local sink), sampled with py-spy (a bench tool, not in the
+    requirements: `.venv/bin/pip install py-spy`). (plain Run, profiled Run,
+    [(share of samples, inclusive or self, function)], raw file); None without py-spy."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        return None
+    plain = burn_down(lab, build, count, build.consumer("--processes", "1"))
+    raw = os.path.join(folder, "profile-%s.txt" % build.label.replace(" ", "-"))
+    spied = burn_down(lab, build, count, lambda config: [
+        spy, "record", "--nonblocking", "--rate", "250", "--format", "raw", "--nolineno",
+        "--output", raw, "--"] + build.consumer("--processes", "1")(config))
+    inclusive, own, total = {}, {}, 0
+    with open(raw) as f:
+        for line in f:
+            stack, _, samples = line.rstrip("\n").rpartition(" ")
+            frames, samples = stack.split(";"), int(samples)
+            total += samples
+            for frame in set(frames[1:]):  # the first is the thread
+                inclusive[frame] = inclusive.get(frame, 0) + samples
+            own[frames[-1]] = own.get(frames[-1], 0) + samples
+    table = sorted([(n / total, "incl", f) for f, n in inclusive.items()]
+                   + [(n / total, "self", f) for f, n in own.items()], reverse=True)
+    return plain, spied, table, raw
+
+
 # --------------------------------------------------------------------------- report
 
 SCENARIOS = ("ceiling", "local", "latency", "history", "memory", "insert", "relay", "rate",
              "quota")
+EXTRA = ("profile",)  # only when named in --only
 
 
 def main():
     parser = argparse.ArgumentParser(description="Benchmarks; prints a table of figures.")
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--only", metavar="SCENARIO[,SCENARIO]",
-                        help="run only these scenarios, of: %s" % ", ".join(SCENARIOS))
+                        help="run only these scenarios, of: %s (and profile, run only "
+                             "when named)" % ", ".join(SCENARIOS))
     parser.add_argument("--baseline", metavar="GIT_REF",
                         help="also run that commit's consumer, in turns (e.g. 743873b~1, "
                              "the commit before the consumer's rebuild)")
@@ -643,7 +672,7 @@ def main():
                         help="mails in flight for the relay scenario (default: 4,32,128)")
     args = parser.parse_args()
     only = set(SCENARIOS) if not args.only else set(args.only.split(","))
-    unknown = only - set(SCENARIOS)
+    unknown = only - set(SCENARIOS) - set(EXTRA)
     if unknown:
         parser.error("unknown scenario %s (known: %s)" % (", ".join(sorted(unknown)),
                                                            ", ".join(SCENARIOS)))
@@ -810,6 +839,18 @@ def main():
                     "0 dead, >= 22/s" if build is new else "",
                     "%d throttled replies, %d completed, busiest %d"
                     % (throttled, result.get("completed", 0), busiest))
+        if "profile" in only:
+            for build in [new] + ([old] if old else []):
+                found = profile(lab, build, size["burn"], folder)
+                if found is None:
+                    row("9. profile", "skipped: no py-spy (.venv/bin/pip install py-spy)")
+                    break
+                plain, spied, table, raw = found
+                row("9. profile, --processes 1, %s" % build.label,
+                    "%.0f mails/s, %s" % (plain.rate, cpu(plain)), "",
+                    "%.0f mails/s under py-spy; %s" % (spied.rate, os.path.relpath(raw, ROOT)))
+                for share, kind, frame in table[:40]:
+                    row("   %5.1f%% %s" % (share * 100, kind), frame[:110])
         row("CPU time stolen by the host, whole run", "%.1f%%" % (stolen_in_run.share() * 100))
     finally:
         if proxy:
