@@ -378,13 +378,43 @@ def in_turns(rounds, *measures):
 class Run:
     """What one timed run of a command showed."""
 
-    def __init__(self, mails, elapsed, cpu, pg_cpu, connections, pss):
+    def __init__(self, mails, elapsed, cpu, pg_cpu, connections, pss, work):
         self.mails, self.elapsed = mails, elapsed
         self.rate = mails / elapsed
         self.cpu_per_mail = cpu / mails * 1e6        # µs in the command's processes
         self.pg_per_mail = pg_cpu / mails * 1e6      # µs in PostgreSQL
         self.connections = connections               # peak, from pg_stat_activity
         self.pss = pss                               # peak MB, the command's processes
+        # per mail: transactions committed, WAL flushes (fsyncs), WAL bytes, rows written
+        self.work = {key: value / mails for key, value in work.items()}
+
+    def work_text(self):
+        w = self.work
+        return "%.2f commits, %.2f fsyncs, %.0f B WAL, %.1f rows written" % (
+            w["commits"], w["fsyncs"], w["wal_bytes"], w["rows"])
+
+
+def database_work(cur):
+    """Counters of the work PostgreSQL did (cur's database; WAL: the cluster)."""
+    cur.execute("SELECT pg_stat_clear_snapshot()")
+    cur.execute("SELECT (SELECT xact_commit FROM pg_stat_database "
+                "         WHERE datname = current_database()), wal_sync, wal_bytes, "
+                "       (SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) "
+                "          FROM pg_stat_user_tables) "
+                "  FROM pg_stat_wal")
+    commits, fsyncs, wal_bytes, rows = cur.fetchone()
+    return dict(commits=commits, fsyncs=fsyncs, wal_bytes=float(wal_bytes), rows=rows)
+
+
+def settled(cur):
+    """Until the scripts' server processes have gone (they report their
+    statistics as they end)."""
+    for _ in range(100):
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE 'mailqueue%%'")
+        if cur.fetchone()[0] == 0:
+            return
+        time.sleep(0.05)
 
 
 def watched(lab, conn, command, mails):
@@ -394,6 +424,8 @@ def watched(lab, conn, command, mails):
     sampler.autocommit = True
     cur = sampler.cursor()
     peak_conns = peak_pss = 0
+    settled(cur)
+    work_before = database_work(cur)
     pg_before = lab.postgres_cpu()
     started = time.monotonic()
     proc = subprocess.Popen(command)
@@ -407,18 +439,22 @@ def watched(lab, conn, command, mails):
             peak_conns = max(peak_conns, cur.fetchone()[0])
             peak_pss = max(peak_pss, pss_mb(proc.pid))
             time.sleep(0.25)
+        elapsed = time.monotonic() - started
+        pg_cpu = lab.postgres_cpu() - pg_before
+        settled(cur)
+        after = database_work(cur)
+        work = {key: after[key] - work_before[key] for key in after}
     except BaseException:
         proc.kill()
         proc.wait()
         raise
     finally:
         sampler.close()
-    elapsed = time.monotonic() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit("error: %s exited with %d" % (" ".join(command), proc.returncode))
     cpu = usage.ru_utime + usage.ru_stime  # its own and its reaped children's
-    return Run(mails, elapsed, cpu, lab.postgres_cpu() - pg_before, peak_conns, peak_pss)
+    return Run(mails, elapsed, cpu, pg_cpu, peak_conns, peak_pss, work)
 
 
 def burn_down(lab, build, count, command, database=None, smtp_port=None):
@@ -633,11 +669,15 @@ def profile(lab, build, count, folder):
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(spy):
         return None
-    plain = burn_down(lab, build, count, build.consumer("--processes", "1"))
+    # The old consumer has no --processes: its default workers, all sampled.
+    flags, spy_flags = (["--processes", "1"], []) if build.label == "new" else ([], ["-s"])
+    plain = burn_down(lab, build, count, build.consumer(*flags))
     raw = os.path.join(folder, "profile-%s.txt" % build.label.replace(" ", "-"))
+    # --gil: only the samples of the thread that holds the GIL, i.e. Python's CPU
+    # time (waits, and C code that released the GIL, are left out).
     spied = burn_down(lab, build, count, lambda config: [
-        spy, "record", "--nonblocking", "--rate", "250", "--format", "raw", "--nolineno",
-        "--output", raw, "--"] + build.consumer("--processes", "1")(config))
+        spy, "record", "--nonblocking", "--gil", "--rate", "100", "--format", "raw",
+        "--nolineno", "--output", raw] + spy_flags + ["--"] + build.consumer(*flags)(config))
     inclusive, own, total = {}, {}, 0
     with open(raw) as f:
         for line in f:
@@ -741,6 +781,8 @@ def main():
             row("   CPU per mail: consumer + PostgreSQL", cpu(mid(ours)),
                 "(0.19 + 0.2 ms before)", ("old %s; " % cpu(mid(results[2])) if old else "")
                 + "seed %s" % cpu(mid(seed)))
+            row("   PostgreSQL's work per mail", mid(ours).work_text(), "",
+                "old " + mid(results[2]).work_text() if old else "")
             row("   DB connections / PSS, peak", "%d / %.0f MB" % (
                 mid(ours).connections, mid(ours).pss), "",
                 "old %d / %.0f MB" % (mid(results[2]).connections, mid(results[2]).pss)
@@ -815,7 +857,10 @@ def main():
                 row("6. relay 50 ms RTT, N=%d, %d mails" % (n, count),
                     "%.0f/s, %d conns, %.0f MB" % (run.rate, run.connections, run.pss),
                     ">=1500/s <=16 <=300MB" if n == 128 else "", other)
-                row("   CPU per mail: consumer + PostgreSQL", cpu(run))
+                row("   CPU per mail: consumer + PostgreSQL", cpu(run), "",
+                    "old %s" % cpu(orun) if old and n <= 32 else "")
+                row("   PostgreSQL's work per mail", run.work_text(), "",
+                    "old " + orun.work_text() if old and n <= 32 else "")
 
         if "rate" in only:
             arrivals, _, result = serve_until_done(
@@ -846,10 +891,12 @@ def main():
                     row("9. profile", "skipped: no py-spy (.venv/bin/pip install py-spy)")
                     break
                 plain, spied, table, raw = found
-                row("9. profile, --processes 1, %s" % build.label,
+                row("9. profile, %s, %s" % ("--processes 1" if build is new else "defaults",
+                                             build.label),
                     "%.0f mails/s, %s" % (plain.rate, cpu(plain)), "",
                     "%.0f mails/s under py-spy; %s" % (spied.rate, os.path.relpath(raw, ROOT)))
-                for share, kind, frame in table[:40]:
+                row("   PostgreSQL's work per mail", plain.work_text())
+                for share, kind, frame in table[:45]:
                     row("   %5.1f%% %s" % (share * 100, kind), frame[:110])
         row("CPU time stolen by the host, whole run", "%.1f%%" % (stolen_in_run.share() * 100))
     finally:
