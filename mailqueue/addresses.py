@@ -118,6 +118,8 @@ def parse_mailbox(value, what, allow_local=False):
     else, a list of addresses included."""
     if value is None:
         raise BadAddress("%s is NULL" % what)
+    if not value.strip():
+        raise BadAddress("%s is empty" % what)
     try:
         check_header_text(value, what)
     except BadHeader as exc:

@@ -245,11 +245,11 @@ def _attachment(row, number):
     if filename is None or not filename.strip():
         raise BadMail("%s: filename is empty" % what)
     shown = addresses._shown(filename)
-    if "/" in filename or "\\" in filename or filename.strip() in (".", ".."):
-        raise BadMail("%s: filename %s is a path; give the file's name only" % (what, shown))
     if addresses._FORBIDDEN_IN_HEADER.search(filename):
         raise BadMail("%s: filename %s contains a line break or control character"
                       % (what, shown))
+    if "/" in filename or "\\" in filename or filename.strip() in (".", ".."):
+        raise BadMail("%s: filename %s is a path; give the file's name only" % (what, shown))
     if len(filename) > MAX_FILENAME_CHARS:
         raise BadMail("%s: filename is %d characters long; at most %d are allowed"
                       % (what, len(filename), MAX_FILENAME_CHARS))
@@ -279,19 +279,20 @@ def _attachment(row, number):
     return (headers, _base64_lines(bytes(row["content"]))), content_id
 
 
-_PLAIN_VALUE = re.compile(r"[\x20-\x7e]{1,60}\Z")
+_PLAIN_VALUE = re.compile(r"[\x20-\x7e]{1,50}\Z")
 _PARAMETER_SAFE = "!#$&+-.^_`|~"  # RFC 2231 attribute-char beyond letters and digits
 
 
 def _parameter(name, value):
     """name="value" for short printable ASCII; otherwise RFC 2231: UTF-8,
-    percent-encoded, in continuations of at most 60 characters each."""
+    percent-encoded, in continuations of at most 50 characters each (every
+    line of the header stays within 78)."""
     if _PLAIN_VALUE.match(value):
         return '%s="%s"' % (name, value.replace("\\", "\\\\").replace('"', '\\"'))
     chunks, chunk = [], ""
     for char in value:  # a character is never split between continuations
         encoded = urllib.parse.quote(char, safe=_PARAMETER_SAFE)
-        if len(chunk) + len(encoded) > 60:
+        if len(chunk) + len(encoded) > 50:
             chunks.append(chunk)
             chunk = ""
         chunk += encoded
@@ -303,63 +304,67 @@ def _parameter(name, value):
 
 
 class _VisibleText(HTMLParser):
-    """Collects what a reader sees of an HTML page: its text, with line breaks
-    where blocks end, and nothing of <head>, <script>, <style> or <template>."""
+    """Collects what a reader sees of an HTML page: its text, with a line break
+    where a line-like block ends and a blank line between paragraph-like ones,
+    and nothing of <head>, <script>, <style> or <template>. Whitespace is
+    collapsed as a browser does, except inside <pre>."""
 
     HIDDEN = frozenset(("head", "title", "script", "style", "template"))
-    BLOCKS = frozenset((
-        "address", "article", "aside", "blockquote", "br", "dd", "div", "dl", "dt",
-        "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5",
-        "h6", "header", "hr", "li", "main", "nav", "ol", "p", "pre", "section", "table",
-        "td", "th", "tr", "ul"))
+    LINES = frozenset((
+        "address", "article", "aside", "br", "dd", "div", "dt", "figcaption", "figure",
+        "footer", "form", "header", "li", "main", "nav", "section", "td", "th", "tr"))
+    PARAGRAPHS = frozenset((
+        "blockquote", "dl", "fieldset", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "ol", "p",
+        "pre", "table", "ul"))
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.hidden = 0
+        self.pre = 0
         self.chunks = []
+
+    def _break(self, tag):
+        if tag in self.PARAGRAPHS:
+            self.chunks.append(_PARAGRAPH)
+        elif tag in self.LINES:
+            self.chunks.append(_LINE)
 
     def handle_starttag(self, tag, attrs):
         if tag in self.HIDDEN:
             self.hidden += 1
-        elif tag in self.BLOCKS:
-            self.chunks.append("\n")
+        else:
+            self.pre += tag == "pre"
+            self._break(tag)
 
     def handle_startendtag(self, tag, attrs):
-        if tag in self.BLOCKS:
-            self.chunks.append("\n")
+        self._break(tag)
 
     def handle_endtag(self, tag):
         if tag in self.HIDDEN:
             self.hidden = max(0, self.hidden - 1)
-        elif tag in self.BLOCKS:
-            self.chunks.append("\n")
+        else:
+            self.pre = max(0, self.pre - (tag == "pre"))
+            self._break(tag)
 
     def handle_data(self, data):
         if not self.hidden:
-            self.chunks.append(data)
+            self.chunks.append(data if self.pre else _WHITESPACE.sub(" ", data))
 
 
-_SPACES = re.compile(r"[ \t\f\v\r\u00a0]+")
+_LINE, _PARAGRAPH = "\x00", "\x01"  # markers (the HTML was checked to hold neither)
+_WHITESPACE = re.compile(r"[ \t\n\r\f\v\u00a0]+")
+_BREAKS = re.compile(r"[ \t]*[\x00\x01][\x00\x01 \t]*")
 
 
 def text_of_html(html):
-    """The plain-text part for an HTML-only job: its visible text, spaces
-    collapsed, one blank line at most between paragraphs."""
+    """The plain-text part for an HTML-only job: its visible text."""
     parser = _VisibleText()
     parser.feed(html)
     parser.close()
-    lines = [_SPACES.sub(" ", line).strip()
-             for line in "".join(parser.chunks).replace("\r\n", "\n").split("\n")]
-    text, blank = [], False
-    for line in lines:
-        if line:
-            if blank and text:
-                text.append("")
-            text.append(line)
-            blank = False
-        else:
-            blank = True
-    return "\n".join(text) + "\n" if text else ""
+    text = _BREAKS.sub(lambda m: "\n\n" if _PARAGRAPH in m.group() else "\n",
+                       "".join(parser.chunks).replace("\r\n", "\n"))
+    text = "\n".join(line.rstrip() for line in text.strip("\n ").split("\n"))
+    return text + "\n" if text else ""
 
 
 # ---------------------------------------------------------------------------

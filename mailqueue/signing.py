@@ -66,7 +66,8 @@ def load_key(settings):
         dkim.crypto.parse_pem_private_key(pem)
     except Exception as exc:  # dkimpy's ASN.1 reader raises several kinds
         raise BadKey("smtp.dkim.private_key_file %r is not an unencrypted RSA private key "
-                     "in PEM (%s)" % (path, exc or type(exc).__name__)) from None
+                     "in PEM (%s)" % (path, " ".join(str(exc).split()) or type(exc).__name__)
+                     ) from None
     return DkimKey(settings["domain"], settings["selector"], path, pem)
 
 
