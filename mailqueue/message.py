@@ -373,7 +373,7 @@ def text_of_html(html):
 
 def _base64_lines(data):
     """`data` in base64, in lines of 76 characters ending in CRLF (RFC 2045 6.8)."""
-    encoded = binascii.b2a_base64(data, newline=False)
+    encoded = memoryview(binascii.b2a_base64(data, newline=False))  # slices without copies
     return b"\r\n".join([encoded[i:i + 76] for i in range(0, len(encoded), 76)]) + b"\r\n"
 
 

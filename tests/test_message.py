@@ -198,6 +198,20 @@ def test_sender_reply_to_cc_and_bcc():
     assert message["Message-ID"].endswith("@example.org>"), "the job's sender's domain"
 
 
+@pytest.mark.parametrize("value", [
+    "Cửa hàng <shop@example.org>", "a@example.org", "  Bob   Smith  <b@example.com> ",
+    "Bob<b@example.com>", "x y z <q+tag@sub.example.co.uk>", "Ông Nguyễn Văn A <a@ví-dụ.vn>",
+])
+def test_the_quick_reading_of_simple_mailboxes_agrees_with_parseaddr(value):
+    from email.utils import parseaddr
+    from mailqueue import addresses
+    assert addresses._SIMPLE_MAILBOX.match(value), "takes the quick path"
+    name, address = addresses.parse_mailbox(value, "sender")
+    expected_name, expected_address = parseaddr(value)
+    assert name == expected_name
+    assert address == addresses.parse_recipient(expected_address)
+
+
 def test_configured_sender_without_a_job_sender():
     mail = build()
     assert mail.sender == "noreply@example.com"
