@@ -365,19 +365,26 @@ SELECT count(*) AS jobs
    AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second';
 
 -- ops_prune_batch --
--- prune: delete up to %(limit)s of those (their deliveries and
--- attachments go with them through the foreign keys). Each batch is its own short
--- transaction; SKIP LOCKED: a row someone holds (a requeue) is left for later.
--- Never a job that is available, queued or failed: the status is checked again
--- at the DELETE.
+-- prune: delete up to %(limit)s jobs of %(status)s (completed or dead) that ended
+-- more than %(older_than)s seconds ago and not before %(after)s, oldest first
+-- (their deliveries and attachments go with them through the foreign keys).
+-- Each batch is its own short transaction; the caller goes on from the latest
+-- end_time returned, so no batch walks again over what the last ones deleted.
+-- SKIP LOCKED: a row someone holds (a requeue) is left alone. Never a job that is
+-- available, queued or failed: the status is checked again at the DELETE.
 WITH doomed AS (
   SELECT job_id
     FROM jobs
-   WHERE status IN ('completed', 'dead')
+   WHERE status = %(status)s
+     AND end_time >= %(after)s::timestamp
      AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second'
+   ORDER BY end_time
    LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED
+), gone AS (
+  DELETE FROM jobs
+   USING doomed
+   WHERE jobs.job_id = doomed.job_id AND jobs.status IN ('completed', 'dead')
+  RETURNING jobs.end_time
 )
-DELETE FROM jobs
- USING doomed
- WHERE jobs.job_id = doomed.job_id AND jobs.status IN ('completed', 'dead');
+SELECT count(*) AS jobs, max(end_time) AS last FROM gone;
