@@ -76,7 +76,7 @@ class Consumer:
         self.on_registered = on_registered  # the supervisor learns our consumer_id
         self.name = "%s:%d" % (socket.gethostname(), os.getpid())
         self.claims = Claims(config.queue.claim_lease)
-        self.recorder = Recorder(config.database, self.claims, self.name, stop)
+        self.recorder = Recorder(config.database, self.claims, self.app_name("record"), stop)
         self.governor = pacing.Governor()
         self.composer = message.Composer(config.smtp)
         self.ready = collections.deque()   # claimed jobs no thread has taken yet

@@ -1,20 +1,31 @@
-"""Benchmarks: throughput, latency, history, memory and insert cost, side by side
-with the seed-style loop. Prints a table; asserts nothing.
+"""Benchmarks: throughput, latency, history, memory and insert cost, a remote
+relay, a global rate limit and a provider's quota; side by side with the
+seed-style loop, and with the consumer of an older commit (--baseline). Prints a
+table of figures beside the targets of the issues; asserts nothing.
 
-    scripts/bench            # the full run (several minutes)
-    scripts/bench --quick    # smaller sizes, under 2 minutes
+    scripts/bench                          # every scenario (about 15 minutes)
+    scripts/bench --quick                  # smaller sizes
+    scripts/bench --only relay,rate        # some scenarios (names: see --help)
+    scripts/bench --baseline 743873b~1     # the old consumer too, in turns
 
 It starts a throwaway PostgreSQL (default settings: fsync and synchronous_commit
 on, as in production) and Postfix's smtp-sink, a fast SMTP sink written in C
 (installed from Debian's postfix package if missing and this runs as root), and
 measures the sink's own ceiling first so that it is shown not to be the limit.
-Latency is measured with a minimal SMTP sink in its own process
-(bench/timing_sink.py), which records when each mail arrives.
+Latency, the rate limit and the quota are measured with a minimal SMTP sink in
+its own process (bench/timing_sink.py, bench/quota_sink.py), which records when
+each mail arrives. The remote relay is smtp-sink behind bench/delay_proxy.c, a
+proxy that delays every chunk 25 ms each way (compiled here with cc; without
+one, the asyncio bench/delay_proxy.py, which costs more CPU).
+
+With --baseline REF the files of that commit are exported (git archive) into
+bench/output/ and its consumer and producer run on a database made with its own
+schema, in turns with today's.
 
 On a shared machine, minutes apart can differ by a third: whatever is compared
-(ours and the seed-style loop, with and without history) is measured in turns,
-and the CPU time the hypervisor gave to other machines is printed beside the
-latency figures, whose tail it sets.
+(ours and the seed-style loop, with and without history, old and new) is
+measured in turns, and the CPU time the hypervisor gave to other machines is
+printed beside the latency figures, whose tail it sets.
 """
 
 import argparse
@@ -63,13 +74,40 @@ def start_smtp_sink():
     port = free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     proc = subprocess.Popen([path] + user + ["-8", "127.0.0.1:%d" % port, "1000"])
+    wait_for_port(port, "smtp-sink")
+    return port, proc
+
+
+def wait_for_port(port, what):
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return port, proc
+            return
         except OSError:
             time.sleep(0.05)
-    raise SystemExit("error: smtp-sink did not start")
+    raise SystemExit("error: %s did not start" % what)
+
+
+def start_delay_proxy(folder, target_port, delay_ms):
+    """bench/delay_proxy.c (compiled into `folder` with cc), or its asyncio
+    fallback without a compiler; (port, process, which)."""
+    source = os.path.join(ROOT, "bench", "delay_proxy.c")
+    binary = os.path.join(folder, "delay_proxy")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler and (not os.path.exists(binary)
+                     or os.path.getmtime(binary) < os.path.getmtime(source)):
+        subprocess.run([compiler, "-O2", "-o", binary, source], check=True)
+    if compiler:
+        command, which = [binary], "C"
+    else:
+        command, which = [sys.executable, os.path.join(ROOT, "bench", "delay_proxy.py")], \
+            "asyncio"
+    port = free_port()
+    proc = subprocess.Popen(command + [str(port), str(target_port), str(delay_ms)],
+                            stdout=subprocess.PIPE)
+    if proc.stdout.readline().strip() != b"ready":
+        raise SystemExit("error: the delay proxy did not start")
+    return port, proc, which
 
 
 def _blast(port, count, data):
@@ -92,45 +130,178 @@ def sink_ceiling(port, total):
     return total / (time.monotonic() - started)
 
 
-class Lab:
-    """A throwaway PostgreSQL with a schema template; one fresh database per run."""
+def _sink_process(port, conn, quota):
+    """In its own process: a TimingSink (or a QuotaSink of `quota` mails/s),
+    reporting (arrival times by recipient, throttled replies) when told to stop."""
+    if quota:
+        from quota_sink import QuotaSink
+        sink = QuotaSink(port, quota)
+    else:
+        sink = TimingSink(port)
+    conn.send("ready")
+    conn.recv()  # until told to stop
+    sink.close()
+    conn.send((dict(sink.arrivals), getattr(sink, "throttled", 0)))
 
-    def __init__(self, smtp_port, folder):
+
+class SinkProcess:
+    """A timing (or quota) sink in a daemon process: should a run fail, it is
+    stopped with the bench, not waited for."""
+
+    def __init__(self, quota=None):
+        self.port = free_port()
+        self.ours, theirs = multiprocessing.Pipe()
+        self.proc = multiprocessing.Process(target=_sink_process,
+                                            args=(self.port, theirs, quota), daemon=True)
+        self.proc.start()
+        self.ours.recv()
+
+    def stop(self):
+        """(arrival times by recipient, throttled replies)."""
+        self.ours.send("stop")
+        result = self.ours.recv()
+        self.proc.join()
+        return result
+
+
+class Build:
+    """A version of the scripts: today's (this checkout), or an older commit's
+    files exported into bench/output/ for --baseline."""
+
+    def __init__(self, root, label, template):
+        self.root, self.label, self.template = root, label, template
+
+    @classmethod
+    def current(cls):
+        return cls(ROOT, "new", "bench_template")
+
+    @classmethod
+    def exported(cls, ref, folder):
+        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", ref], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        root = os.path.join(folder, "baseline-%s" % sha)
+        if not os.path.exists(os.path.join(root, "consumer.py")):
+            os.makedirs(root, exist_ok=True)
+            archive = subprocess.run(["git", "-C", ROOT, "archive", sha], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
+        return cls(root, "old %s" % sha, "bench_template_%s" % sha)
+
+    def script(self, name, *args):
+        return [sys.executable, os.path.join(self.root, name), "--log-level", "WARNING"] \
+            + list(args)
+
+    def consumer(self, *args):
+        """The command (given a config path) of a draining consumer."""
+        return lambda config: self.script("consumer.py", "--config", config, "--drain", *args)
+
+
+def seed_loop(config):
+    return [sys.executable, os.path.join(ROOT, "bench", "seed_loop.py"), config, "2"]
+
+
+class Lab:
+    """A throwaway PostgreSQL with a schema template per build; one fresh database per run."""
+
+    def __init__(self, smtp_port, folder, builds):
         self.pg = ThrowawayPostgres(settings=PG_SETTINGS).start()
         self.smtp_port = smtp_port
         self.folder = folder
-        self.admin("CREATE DATABASE bench_template")
-        apply_schema(self.pg.dsn("bench_template"))
+        for build in builds:
+            self.admin("CREATE DATABASE %s" % build.template)
+            apply_schema(self.pg.dsn(build.template),
+                         os.path.join(build.root, "sql", "schema.sql"))
         self.count = 0
 
     def admin(self, sql):
         run_sql(self.pg.dsn(), sql)
 
-    def fresh(self, smtp_port=None):
-        """A new database from the template; (connection, config path)."""
+    def fresh(self, build, smtp_port=None, queue=None):
+        """A new database from the build's template; (connection, config path)."""
         self.count += 1
         name = "bench_%d" % self.count
-        self.admin("CREATE DATABASE %s TEMPLATE bench_template" % name)
+        self.admin("CREATE DATABASE %s TEMPLATE %s" % (name, build.template))
         conn = psycopg2.connect(self.pg.dsn(name))
         conn.autocommit = True
-        return conn, self.config(conn, smtp_port)
+        return conn, self.config(conn, smtp_port, queue)
 
-    def config(self, conn, smtp_port=None):
-        """The path of a config file for the scripts: conn's database, and the
-        SMTP server on smtp_port (default: the throughput sink)."""
+    def config(self, conn, smtp_port=None, queue=None):
+        """The path of a config file for the scripts: conn's database, the SMTP
+        server on smtp_port (default: the throughput sink), the `queue` section."""
         name, port = conn.info.dbname, smtp_port or self.smtp_port
         path = os.path.join(self.folder, "%s-%d.json" % (name, port))
+        settings = {"database": self.pg.settings_for(name),
+                    "smtp": {"host": "127.0.0.1", "port": port}}
+        if queue:
+            settings["queue"] = queue
         with open(path, "w") as f:
-            json.dump({"database": self.pg.settings_for(name),
-                       "smtp": {"host": "127.0.0.1", "port": port}}, f)
+            json.dump(settings, f)
         return path
+
+    def postgres_cpu(self):
+        """CPU seconds PostgreSQL has used so far: every live server process, and
+        the ones that ended (the postmaster's reaped children)."""
+        with open(os.path.join(self.pg.folder, "data", "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        total = 0
+        for pid, ppid, fields in processes():
+            if pid == postmaster:
+                total += sum(int(n) for n in fields[11:15])  # utime stime cutime cstime
+            elif ppid == postmaster:
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self):
         self.pg.stop()
 
 
-def script(name, *args):
-    return [sys.executable, os.path.join(ROOT, name), "--log-level", "WARNING"] + list(args)
+def processes():
+    """(pid, ppid, fields of /proc/PID/stat after the command name) of every process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        yield int(entry), int(fields[1]), fields
+
+
+def tree(root):
+    """root's pid and those of all its descendants."""
+    children = {}
+    for pid, ppid, _ in processes():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def pss_mb(root):
+    """The proportional set size of a process and its descendants, summed: what
+    they cost in memory together (shared pages counted once)."""
+    total = 0
+    for pid in tree(root):
+        try:
+            with open("/proc/%d/smaps_rollup" % pid) as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total / 1024
+
+
+def process_cpu(pid):
+    """CPU seconds of one live process (utime + stime)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def insert_jobs(conn, count, prefix="user"):
@@ -160,6 +331,12 @@ def completed(conn):
     return cur.fetchone()[0]
 
 
+def statuses(conn):
+    cur = conn.cursor()
+    cur.execute("SELECT status, count(*) FROM jobs GROUP BY status")
+    return dict(cur.fetchall())
+
+
 def pending(conn):
     """Jobs not yet finished, cheaply (queue rows, and ready jobs by their index)."""
     cur = conn.cursor()
@@ -169,12 +346,17 @@ def pending(conn):
 
 
 def wait_listening(conn, count):
-    """Until `count` of the scripts' connections have run their LISTEN."""
+    """Until at least `count` of the scripts' connections have run their LISTEN,
+    and no more come for half a second (today's consumer listens in each process)."""
     cur = conn.cursor()
+    seen, steady_since = 0, None
     for _ in range(600):
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND application_name LIKE '%%(listen)' AND query ILIKE 'listen%%'")
-        if cur.fetchone()[0] >= count:
+                    "AND application_name LIKE '%%(listen)%%' AND query ILIKE 'listen%%'")
+        now_seen = cur.fetchone()[0]
+        if now_seen != seen:
+            seen, steady_since = now_seen, time.monotonic()
+        elif seen >= count and time.monotonic() - steady_since >= 0.5:
             return
         time.sleep(0.05)
     raise SystemExit("error: the scripts did not start listening")
@@ -193,22 +375,102 @@ def in_turns(rounds, *measures):
     return results
 
 
-def burn_down(lab, count, command, database=None):
+class Run:
+    """What one timed run of a command showed."""
+
+    def __init__(self, mails, elapsed, cpu, pg_cpu, connections, pss, work):
+        self.mails, self.elapsed = mails, elapsed
+        self.rate = mails / elapsed
+        self.cpu_per_mail = cpu / mails * 1e6        # µs in the command's processes
+        self.pg_per_mail = pg_cpu / mails * 1e6      # µs in PostgreSQL
+        self.connections = connections               # peak, from pg_stat_activity
+        self.pss = pss                               # peak MB, the command's processes
+        # per mail: transactions committed, WAL flushes (fsyncs), WAL bytes, rows written
+        self.work = {key: value / mails for key, value in work.items()}
+
+    def work_text(self):
+        w = self.work
+        return "%.2f commits, %.2f fsyncs, %.0f B WAL, %.1f rows written" % (
+            w["commits"], w["fsyncs"], w["wal_bytes"], w["rows"])
+
+
+def database_work(cur):
+    """Counters of the work PostgreSQL did (cur's database; WAL: the cluster)."""
+    cur.execute("SELECT pg_stat_clear_snapshot()")
+    cur.execute("SELECT (SELECT xact_commit FROM pg_stat_database "
+                "         WHERE datname = current_database()), wal_sync, wal_bytes, "
+                "       (SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) "
+                "          FROM pg_stat_user_tables) "
+                "  FROM pg_stat_wal")
+    commits, fsyncs, wal_bytes, rows = cur.fetchone()
+    return dict(commits=commits, fsyncs=fsyncs, wal_bytes=float(wal_bytes), rows=rows)
+
+
+def settled(cur):
+    """Until the scripts' server processes have gone (they report their
+    statistics as they end)."""
+    for _ in range(100):
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE 'mailqueue%%'")
+        if cur.fetchone()[0] == 0:
+            return
+        time.sleep(0.05)
+
+
+def watched(lab, conn, command, mails):
+    """Run `command` until it exits, sampling its database connections (by
+    application_name, in conn's database) and its memory; a Run."""
+    sampler = psycopg2.connect(lab.pg.dsn(conn.info.dbname))
+    sampler.autocommit = True
+    cur = sampler.cursor()
+    peak_conns = peak_pss = 0
+    settled(cur)
+    work_before = database_work(cur)
+    pg_before = lab.postgres_cpu()
+    started = time.monotonic()
+    proc = subprocess.Popen(command)
+    try:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND application_name LIKE 'mailqueue consumer%%'")
+            peak_conns = max(peak_conns, cur.fetchone()[0])
+            peak_pss = max(peak_pss, pss_mb(proc.pid))
+            time.sleep(0.25)
+        elapsed = time.monotonic() - started
+        pg_cpu = lab.postgres_cpu() - pg_before
+        settled(cur)
+        after = database_work(cur)
+        work = {key: after[key] - work_before[key] for key in after}
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        sampler.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit("error: %s exited with %d" % (" ".join(command), proc.returncode))
+    cpu = usage.ru_utime + usage.ru_stime  # its own and its reaped children's
+    return Run(mails, elapsed, cpu, pg_cpu, peak_conns, peak_pss, work)
+
+
+def burn_down(lab, build, count, command, database=None, smtp_port=None):
     """Queue `count` jobs, then time `command` (a list, given the config path) until it
-    exits; mails/s. In a fresh database, or in `database` (connection, config path)."""
-    conn, config = database or lab.fresh()
+    exits; a Run. In a fresh database of `build`, or in `database` (connection, config)."""
+    conn, config = database or lab.fresh(build, smtp_port)
     before = completed(conn)
     insert_jobs(conn, count)
-    subprocess.run(script("producer.py", "--config", config, "--once"), check=True)
-    started = time.monotonic()
-    subprocess.run(command(config), check=True)
-    elapsed = time.monotonic() - started
+    subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
+    run = watched(lab, conn, command(config), count)
     done = completed(conn) - before
     if database is None:
         conn.close()
     if done != count:
         raise SystemExit("error: %d of %d jobs completed" % (done, count))
-    return count / elapsed
+    return run
 
 
 class StolenTime:
@@ -233,35 +495,21 @@ class StolenTime:
             return [0] * 8
 
 
-def _latency_sink(port, conn):
-    """In its own process: a TimingSink, reporting its arrival times when told to stop."""
-    sink = TimingSink(port)
-    conn.send("ready")
-    conn.recv()  # until told to stop
-    sink.close()
-    conn.send(dict(sink.arrivals))
-
-
-def latency(lab, rate, seconds, database=None):
+def latency(lab, build, rate, seconds, database=None):
     """Insert jobs at `rate` per second, one transaction each, with producer and
     consumer running; time from each INSERT's commit to the mail's arrival.
     (delays in ms, share of CPU time stolen meanwhile). In a fresh database, or
     in `database` (connection, config path)."""
-    port = free_port()
-    ours, theirs = multiprocessing.Pipe()
-    # daemon: should this run fail, the sink is stopped with the bench, not waited for
-    sink = multiprocessing.Process(target=_latency_sink, args=(port, theirs), daemon=True)
-    sink.start()
-    ours.recv()
+    sink = SinkProcess()
     if database:
-        conn, config = database[0], lab.config(database[0], port)
+        conn, config = database[0], lab.config(database[0], sink.port)
     else:
-        conn, config = lab.fresh(smtp_port=port)
-    procs = [subprocess.Popen(script("consumer.py", "--config", config)),
-             subprocess.Popen(script("producer.py", "--config", config))]
+        conn, config = lab.fresh(build, smtp_port=sink.port)
+    procs = [subprocess.Popen(build.script("consumer.py", "--config", config)),
+             subprocess.Popen(build.script("producer.py", "--config", config))]
     committed = {}
     try:
-        wait_listening(conn, 1 + 1)  # the consumer's first worker, and the producer
+        wait_listening(conn, 1 + 1)  # the consumer (each process of it), and the producer
         cur = conn.cursor()
         stolen = StolenTime()
         started = time.monotonic()
@@ -281,9 +529,7 @@ def latency(lab, rate, seconds, database=None):
         for p in procs:
             p.send_signal(signal.SIGTERM)
             p.wait()
-    ours.send("stop")
-    arrivals = ours.recv()
-    sink.join()
+    arrivals, _ = sink.stop()
     if database is None:
         conn.close()
     delays = [(arrivals[a] - t) * 1000 for a, t in committed.items() if a in arrivals]
@@ -299,27 +545,22 @@ def pooled(runs):
     return statistics.median(delays), delays[int(len(delays) * 0.99) - 1], stolen
 
 
-def rss_mb(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-
-
-def memory(lab, count):
-    """A single-worker consumer's RSS after 1,000 mails and after `count`."""
-    conn, config = lab.fresh()
+def memory(lab, build, count):
+    """A one-mail-in-flight consumer's PSS (with its children) after 1,000 mails
+    and after `count`."""
+    conn, config = lab.fresh(build)
     insert_jobs(conn, count)
-    subprocess.run(script("producer.py", "--config", config, "--once"), check=True)
-    proc = subprocess.Popen(script("consumer.py", "--config", config, "--concurrency", "1"))
+    subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
+    proc = subprocess.Popen(build.script("consumer.py", "--config", config,
+                                         "--concurrency", "1"))
     early = late = None
     try:
         while True:
             left = pending(conn)
             if early is None and count - left >= 1000:
-                early = rss_mb(proc.pid)
+                early = pss_mb(proc.pid)
             if left <= 20:  # the last batch: nearly all sent, and the process still up
-                late = rss_mb(proc.pid)
+                late = pss_mb(proc.pid)
                 break
             time.sleep(0.2)
     finally:
@@ -329,12 +570,12 @@ def memory(lab, count):
     return early, late
 
 
-def insert_cost(lab, bulk, singles):
+def insert_cost(lab, build, bulk, singles):
     """(bulk INSERT ratio, single-row INSERTs ratio): time with the NOTIFY
     triggers over time without, in turns. The bulk statement: median of 3 runs
     each. The single rows: in blocks of 500, summed, so that the machine's slow
     moments (each INSERT waits for the disk) fall on both sides alike."""
-    conn, _ = lab.fresh()
+    conn, _ = lab.fresh(build)
     cur = conn.cursor()
     numbers = itertools.count()
 
@@ -362,76 +603,306 @@ def insert_cost(lab, bulk, singles):
     return bulk_ratio, sum(on) / sum(off)
 
 
+def relay(lab, build, proxy_port, proxy, concurrency, count):
+    """Drain `count` queued jobs through the delay proxy with `concurrency`
+    mails in flight; (Run, the proxy's CPU µs per mail)."""
+    proxy_before = process_cpu(proxy.pid)
+    run = burn_down(lab, build, count, build.consumer("--concurrency", str(concurrency)),
+                    smtp_port=proxy_port)
+    return run, (process_cpu(proxy.pid) - proxy_before) / count * 1e6
+
+
+def per_second(times):
+    """(mails in each whole second since the first, the most in any one-second
+    window, the mean rate from first to last)."""
+    times = sorted(times)
+    if len(times) < 2:
+        return [len(times)], len(times), 0.0
+    counts = [0] * (int(times[-1] - times[0]) + 1)
+    for t in times:
+        counts[int(t - times[0])] += 1
+    busiest, start = 0, 0
+    for end, t in enumerate(times):  # sliding window [t - 1 s, t]
+        while times[start] <= t - 1.0:
+            start += 1
+        busiest = max(busiest, end - start + 1)
+    return counts, busiest, (len(times) - 1) / (times[-1] - times[0])
+
+
+def serve_until_done(lab, build, jobs, consumers, queue, quota=None, timeout=180.0,
+                     producer=False):
+    """Queue `jobs`, then run `consumers` consumers (and, if asked, a producer,
+    for the retries) against a timing sink, or a QuotaSink of `quota` mails/s,
+    until no job is left to do; (arrival times, throttled replies, statuses)."""
+    sink = SinkProcess(quota)
+    conn, config = lab.fresh(build, smtp_port=sink.port, queue=queue)
+    insert_jobs(conn, jobs)
+    subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
+    # Their log (a line per failed attempt, for the old consumer) goes to a file.
+    log = open(os.path.join(lab.folder, "%s.log" % conn.info.dbname), "w")
+    procs = [subprocess.Popen(build.script("consumer.py", "--config", config), stderr=log)
+             for _ in range(consumers)]
+    if producer:
+        procs.append(subprocess.Popen(build.script("producer.py", "--config", config),
+                                      stderr=log))
+    try:
+        deadline = time.monotonic() + timeout
+        while pending(conn) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+        log.close()
+    arrivals, throttled = sink.stop()
+    result = statuses(conn)
+    conn.close()
+    return arrivals, throttled, result
+
+
+def profile(lab, build, count, folder):
+    """Where one consumer process's CPU goes (--processes 1, the default
+    concurrency, local sink), sampled with py-spy (a bench tool, not in the
+    requirements: `.venv/bin/pip install py-spy`). (plain Run, profiled Run,
+    [(share of samples, inclusive or self, function)], raw file); None without py-spy."""
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(spy):
+        return None
+    # The old consumer has no --processes: its default workers, all sampled.
+    flags, spy_flags = (["--processes", "1"], []) if build.label == "new" else ([], ["-s"])
+    plain = burn_down(lab, build, count, build.consumer(*flags))
+    raw = os.path.join(folder, "profile-%s.txt" % build.label.replace(" ", "-"))
+    # --gil: only the samples of the thread that holds the GIL, i.e. Python's CPU
+    # time (waits, and C code that released the GIL, are left out).
+    spied = burn_down(lab, build, count, lambda config: [
+        spy, "record", "--nonblocking", "--gil", "--rate", "100", "--format", "raw",
+        "--nolineno", "--output", raw] + spy_flags + ["--"] + build.consumer(*flags)(config))
+    inclusive, own, total = {}, {}, 0
+    with open(raw) as f:
+        for line in f:
+            stack, _, samples = line.rstrip("\n").rpartition(" ")
+            frames, samples = stack.split(";"), int(samples)
+            total += samples
+            for frame in set(frames[1:]):  # the first is the thread
+                inclusive[frame] = inclusive.get(frame, 0) + samples
+            own[frames[-1]] = own.get(frames[-1], 0) + samples
+    table = sorted([(n / total, "incl", f) for f, n in inclusive.items()]
+                   + [(n / total, "self", f) for f, n in own.items()], reverse=True)
+    return plain, spied, table, raw
+
+
 # --------------------------------------------------------------------------- report
 
+SCENARIOS = ("ceiling", "local", "latency", "history", "memory", "insert", "relay", "rate",
+             "quota")
+EXTRA = ("profile",)  # only when named in --only
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Benchmarks; prints a table.")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, under 2 minutes")
+    parser = argparse.ArgumentParser(description="Benchmarks; prints a table of figures.")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--only", metavar="SCENARIO[,SCENARIO]",
+                        help="run only these scenarios, of: %s (and profile, run only "
+                             "when named)" % ", ".join(SCENARIOS))
+    parser.add_argument("--baseline", metavar="GIT_REF",
+                        help="also run that commit's consumer, in turns (e.g. 743873b~1, "
+                             "the commit before the consumer's rebuild)")
+    parser.add_argument("--relay-n", default="4,32,128", metavar="N[,N]",
+                        help="mails in flight for the relay scenario (default: 4,32,128)")
     args = parser.parse_args()
+    only = set(SCENARIOS) if not args.only else set(args.only.split(","))
+    unknown = only - set(SCENARIOS) - set(EXTRA)
+    if unknown:
+        parser.error("unknown scenario %s (known: %s)" % (", ".join(sorted(unknown)),
+                                                           ", ".join(SCENARIOS)))
+    try:
+        relay_n = [int(n) for n in args.relay_n.split(",")]
+    except ValueError:
+        parser.error("--relay-n takes whole numbers separated by commas")
     size = dict(burn=5000, seed=2000, history=100_000, lat_seconds=10, memory=10_000,
-                bulk=20_000, singles=2000) if args.quick else dict(
+                bulk=20_000, singles=2000, rate_jobs=400, quota_jobs=450, turns=1,
+                relay={4: 400, 32: 2000, 128: 6000}) if args.quick else dict(
         burn=20_000, seed=10_000, history=1_000_000, lat_seconds=30, memory=100_000,
-        bulk=100_000, singles=10_000)
+        bulk=100_000, singles=10_000, rate_jobs=800, quota_jobs=900, turns=3,
+        relay={4: 1000, 32: 6000, 128: 20_000})
 
     folder = os.path.join(ROOT, "bench", "output")
     os.makedirs(folder, exist_ok=True)
+    new = Build.current()
+    old = Build.exported(args.baseline, folder) if args.baseline else None
     port, sink = start_smtp_sink()
-    lab = Lab(port, folder)
+    lab = Lab(port, folder, [new] + ([old] if old else []))
     rows = []
 
-    def row(figure, value, goal="", seed=""):
-        rows.append((figure, value, goal, seed))
-        print("  %-44s %-22s %-14s %s" % (figure, value, goal, seed), flush=True)
+    def row(figure, value, goal="", other=""):
+        rows.append((figure, value, goal, other))
+        print("  %-46s %-26s %-22s %s" % (figure, value, goal, other), flush=True)
+
+    def cpu(run):
+        return "%.0f + %.0f µs" % (run.cpu_per_mail, run.pg_per_mail)
 
     stolen_in_run = StolenTime()
+    proxy = None
     try:
-        print("PostgreSQL %s (default durability), smtp-sink, %d cores, Python %s"
-              % (lab.pg.version(), os.cpu_count(), sys.version.split()[0]))
-        row("figure", "value", "goal", "seed-style loop")
-        row("smtp-sink ceiling (4 senders, ready bytes)",
-            "%.0f mails/s" % sink_ceiling(port, 40_000 if not args.quick else 20_000))
+        print("PostgreSQL %s (default durability), smtp-sink, %d cores, Python %s%s"
+              % (lab.pg.version(), os.cpu_count(), sys.version.split()[0],
+                 ", baseline: %s" % old.label if old else ""))
+        row("figure", "this consumer", "target (issue 9)",
+            "old consumer (%s) / seed-style loop" % (old.label if old else "--baseline"))
 
-        def consumer(config):
-            return script("consumer.py", "--config", config, "--drain")
+        if "ceiling" in only:
+            row("smtp-sink ceiling (4 senders, ready bytes)",
+                "%.0f mails/s" % sink_ceiling(port, 40_000 if not args.quick else 20_000))
 
-        def seed_loop(config):
-            return [sys.executable, os.path.join(ROOT, "bench", "seed_loop.py"), config, "2"]
+        if "local" in only:
+            measures = [lambda: burn_down(lab, new, size["burn"], new.consumer()),
+                        lambda: burn_down(lab, new, size["seed"], seed_loop)]
+            if old:
+                measures.append(lambda: burn_down(lab, old, size["burn"], old.consumer()))
+            results = in_turns(size["turns"], *measures)
+            ours, seed = results[0], results[1]
+            median = statistics.median
 
-        ours, seed = in_turns(3, lambda: burn_down(lab, size["burn"], consumer),
-                              lambda: burn_down(lab, size["seed"], seed_loop))
-        ours, seed = statistics.median(ours), statistics.median(seed)
-        row("1. burn-down of %d queued mails" % size["burn"], "%.0f mails/s" % ours,
-            ">= 2500/s", "%.0f mails/s (%d mails)" % (seed, size["seed"]))
-        row("   ratio to the seed-style loop", "%.1fx" % (ours / seed), ">= 3.5x")
+            def mid(runs):  # the run of median speed, for its CPU figures
+                return sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
 
-        history = lab.fresh()
-        add_history(history[0], size["history"])
-        runs = in_turns(2, lambda: latency(lab, 50, size["lat_seconds"] / 2),
-                        lambda: latency(lab, 50, size["lat_seconds"] / 2, database=history))
-        (p50, p99, stolen), (hp50, hp99, hstolen) = [pooled(r) for r in runs]
-        row("2. latency at 50 jobs/s, p50", "%.1f ms" % p50, "<= 5 ms")
-        row("   latency at 50 jobs/s, p99", "%.1f ms" % p99, "<= 10 ms",
-            "(CPU stolen by the host meanwhile: %.1f%%)" % (stolen * 100))
+            other = "seed %.0f/s (%d mails)" % (median(r.rate for r in seed), size["seed"])
+            if old:
+                other = "old %.0f/s; %s" % (median(r.rate for r in results[2]), other)
+            row("1. burn-down of %d queued mails, local sink" % size["burn"],
+                "%.0f mails/s" % median(r.rate for r in ours), ">= 4500/s", other)
+            ratio = median(r.rate for r in ours) / median(r.rate for r in seed)
+            row("   ratio to the seed-style loop", "%.1fx" % ratio, ">= 4.5x",
+                "old %.1fx" % (median(r.rate for r in results[2]) / median(r.rate for r in seed))
+                if old else "")
+            row("   runs (mails/s, in turns)", " ".join("%.0f" % r.rate for r in ours), "",
+                "old " + " ".join("%.0f" % r.rate for r in results[2]) if old else "")
+            row("   CPU per mail: consumer + PostgreSQL", cpu(mid(ours)),
+                "(0.19 + 0.2 ms before)", ("old %s; " % cpu(mid(results[2])) if old else "")
+                + "seed %s" % cpu(mid(seed)))
+            row("   PostgreSQL's work per mail", mid(ours).work_text(), "",
+                "old " + mid(results[2]).work_text() if old else "")
+            row("   DB connections / PSS, peak", "%d / %.0f MB" % (
+                mid(ours).connections, mid(ours).pss), "",
+                "old %d / %.0f MB" % (mid(results[2]).connections, mid(results[2]).pss)
+                if old else "")
 
-        empty, full = in_turns(2, lambda: burn_down(lab, size["burn"], consumer),
-                               lambda: burn_down(lab, size["burn"], consumer, database=history))
-        empty, full = statistics.median(empty), statistics.median(full)
-        row("3. burn-down with %d completed jobs" % size["history"],
-            "%.0f mails/s (%+.1f%%)" % (full, (full / empty - 1) * 100),
-            "within 10%", "(%.0f mails/s without, same turns)" % empty)
-        row("   latency p50 / p99 with that history", "%.1f / %.1f ms" % (hp50, hp99),
-            "within 10%", "(CPU stolen by the host meanwhile: %.1f%%)" % (hstolen * 100))
-        history[0].close()
+        if "latency" in only or "history" in only:
+            history = lab.fresh(new) if "history" in only else None
+            if history:
+                add_history(history[0], size["history"])
+            half = size["lat_seconds"] / 2
+            measures = [lambda: latency(lab, new, 50, half)]
+            if old:
+                measures.append(lambda: latency(lab, old, 50, half))
+            if history:
+                measures.append(lambda: latency(lab, new, 50, half, database=history))
+            runs = in_turns(2, *measures)
+            (p50, p99, stolen) = pooled(runs[0])
+            other = ""
+            if old:
+                op50, op99, _ = pooled(runs[1])
+            row("2. latency at 50 jobs/s, p50", "%.1f ms" % p50, "<= 3 ms",
+                "old %.1f ms" % op50 if old else "")
+            row("   latency at 50 jobs/s, p99", "%.1f ms" % p99, "<= 8 ms",
+                ("old %.1f ms " % op99 if old else "")
+                + "(CPU stolen by the host meanwhile: %.1f%%)" % (stolen * 100))
+            if history:
+                hp50, hp99, hstolen = pooled(runs[-1])
+                empty, full = in_turns(2, lambda: burn_down(lab, new, size["burn"],
+                                                            new.consumer()),
+                                       lambda: burn_down(lab, new, size["burn"],
+                                                         new.consumer(), database=history))
+                empty = statistics.median(r.rate for r in empty)
+                full = statistics.median(r.rate for r in full)
+                row("3. burn-down with %d completed jobs" % size["history"],
+                    "%.0f mails/s (%+.1f%%)" % (full, (full / empty - 1) * 100),
+                    "within 10%", "(%.0f mails/s without, same turns)" % empty)
+                row("   latency p50 / p99 with that history", "%.1f / %.1f ms" % (hp50, hp99),
+                    "within 10%", "(CPU stolen by the host meanwhile: %.1f%%)" % (hstolen * 100))
+                history[0].close()
+            del other
 
-        early, late = memory(lab, size["memory"])
-        row("4. consumer RSS after 1,000 / %d mails" % size["memory"],
-            "%.1f / %.1f MB (%+.1f)" % (early, late, late - early), "within 10 MB")
+        if "memory" in only:
+            early, late = memory(lab, new, size["memory"])
+            other = ""
+            if old:
+                oearly, olate = memory(lab, old, size["memory"])
+                other = "old %.1f / %.1f MB" % (oearly, olate)
+            row("4. PSS, 1 in flight, after 1,000 / %d mails" % size["memory"],
+                "%.1f / %.1f MB (%+.1f)" % (early, late, late - early), "within 10 MB", other)
 
-        bulk, singles = insert_cost(lab, size["bulk"], size["singles"])
-        row("5. INSERT of %d jobs, triggers on/off" % size["bulk"], "%.2fx" % bulk, "<= 1.5x")
-        row("   %d single-row INSERTs, on/off" % size["singles"], "%.2fx" % singles, "<= 1.5x")
+        if "insert" in only:
+            bulk, singles = insert_cost(lab, new, size["bulk"], size["singles"])
+            row("5. INSERT of %d jobs, triggers on/off" % size["bulk"], "%.2fx" % bulk,
+                "<= 1.5x")
+            row("   %d single-row INSERTs, on/off" % size["singles"], "%.2fx" % singles,
+                "<= 1.5x")
+
+        if "relay" in only:
+            proxy_port, proxy, which = start_delay_proxy(folder, port, 25)
+            for n in relay_n:
+                count = size["relay"].get(n, max(1000, 150 * n))
+                measures = [lambda: relay(lab, new, proxy_port, proxy, n, count)]
+                if old and n <= 32:  # the old one: 2 connections and a process per mail
+                    measures.append(lambda: relay(lab, old, proxy_port, proxy, n, count))
+                results = in_turns(1, *measures)
+                run, proxy_cpu = results[0][0]
+                other = "(%s proxy: %.0f µs CPU/mail)" % (which, proxy_cpu)
+                if old and n <= 32:
+                    orun, _ = results[1][0]
+                    other = "old %.0f/s, %d conns, %.0f MB %s" % (orun.rate, orun.connections,
+                                                                  orun.pss, other)
+                row("6. relay 50 ms RTT, N=%d, %d mails" % (n, count),
+                    "%.0f/s, %d conns, %.0f MB" % (run.rate, run.connections, run.pss),
+                    ">=1500/s <=16 <=300MB" if n == 128 else "", other)
+                row("   CPU per mail: consumer + PostgreSQL", cpu(run), "",
+                    "old %s" % cpu(orun) if old and n <= 32 else "")
+                row("   PostgreSQL's work per mail", run.work_text(), "",
+                    "old " + orun.work_text() if old and n <= 32 else "")
+
+        if "rate" in only:
+            arrivals, _, result = serve_until_done(
+                lab, new, size["rate_jobs"], 3, {"rate_limit": 40})
+            counts, busiest, mean = per_second(arrivals.values())
+            row("7. rate_limit 40/s, 3 consumers, %d mails" % size["rate_jobs"],
+                "busiest %d, mean %.1f/s" % (busiest, mean), "<= 45, >= 36",
+                "%d completed" % result.get("completed", 0))
+            row("   mails in each second", " ".join(str(c) for c in counts[:30]))
+
+        if "quota" in only:
+            queue = {"max_attempts": 3, "retry_delay": 2, "max_retry_delay": 10}
+            builds = [new] + ([old] if old else [])
+            for build in builds:
+                arrivals, throttled, result = serve_until_done(
+                    lab, build, size["quota_jobs"], 1, queue, quota=30, producer=True)
+                counts, busiest, mean = per_second(arrivals.values())
+                row("8. quota 30/s (454 past it), %d mails%s" % (
+                    size["quota_jobs"], "" if build is new else ", " + build.label),
+                    "%d dead, %.1f/s" % (result.get("dead", 0), mean),
+                    "0 dead, >= 22/s" if build is new else "",
+                    "%d throttled replies, %d completed, busiest %d"
+                    % (throttled, result.get("completed", 0), busiest))
+        if "profile" in only:
+            for build in [new] + ([old] if old else []):
+                found = profile(lab, build, size["burn"], folder)
+                if found is None:
+                    row("9. profile", "skipped: no py-spy (.venv/bin/pip install py-spy)")
+                    break
+                plain, spied, table, raw = found
+                row("9. profile, %s, %s" % ("--processes 1" if build is new else "defaults",
+                                             build.label),
+                    "%.0f mails/s, %s" % (plain.rate, cpu(plain)), "",
+                    "%.0f mails/s under py-spy; %s" % (spied.rate, os.path.relpath(raw, ROOT)))
+                row("   PostgreSQL's work per mail", plain.work_text())
+                for share, kind, frame in table[:45]:
+                    row("   %5.1f%% %s" % (share * 100, kind), frame[:110])
         row("CPU time stolen by the host, whole run", "%.1f%%" % (stolen_in_run.share() * 100))
     finally:
+        if proxy:
+            proxy.kill()
+            proxy.wait()
         lab.stop()
         sink.kill()
     with open(os.path.join(folder, "results.txt"), "w") as f:

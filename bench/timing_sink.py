@@ -7,6 +7,10 @@ the queue's. This one reads with blocking sockets, a thread per connection,
 and records the time at which the end-of-data line arrives, keyed by the
 envelope recipient. It speaks just enough SMTP for consumer.py: EHLO (with
 PIPELINING, 8BITMIME, SMTPUTF8), MAIL, RCPT, DATA, RSET, NOOP, QUIT.
+
+`judge(recipient)`, if given, is asked at each end of data for the reply: None
+accepts the mail (its arrival is noted), bytes such as b"454 ...\r\n" refuse it
+(bench/quota_sink.py uses it to enforce a sending quota).
 """
 
 import socket
@@ -18,8 +22,9 @@ _EHLO = (b"250-timing-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
 
 
 class TimingSink:
-    def __init__(self, port):
+    def __init__(self, port, judge=None):
         self.arrivals = {}  # recipient -> time.time() when its mail's final dot came
+        self.judge = judge
         self.server = socket.create_server(("127.0.0.1", port))
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -43,9 +48,11 @@ class TimingSink:
                     end = buffer.find(b"\r\n.\r\n")
                     if end < 0:
                         break
-                    self.arrivals[recipient] = time.time()
+                    refusal = self.judge(recipient) if self.judge else None
+                    if refusal is None:
+                        self.arrivals[recipient] = time.time()
                     buffer, in_data = buffer[end + 5:], False
-                    replies.append(b"250 ok\r\n")
+                    replies.append(refusal or b"250 ok\r\n")
                     continue
                 end = buffer.find(b"\r\n")
                 if end < 0:

@@ -52,7 +52,7 @@ def run(conn, name, **params):
     in autocommit mode); its rows, or for a statement that returns none, how
     many rows it changed."""
     sql = QUERIES[name]
-    if conn.no_flush:
+    if getattr(conn, "no_flush", False):  # any psycopg2 connection will do
         sql = _NO_FLUSH + sql
     with conn.cursor() as cur:
         cur.execute(sql, params or None)

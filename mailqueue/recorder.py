@@ -56,10 +56,10 @@ class Ticket:
 
 
 class Recorder:
-    def __init__(self, database_settings, claims, name, stop):
+    def __init__(self, database_settings, claims, app_name, stop):
         self.database_settings = database_settings
         self.claims = claims
-        self.name = name
+        self.app_name = app_name  # of its connection, for pg_stat_activity
         self.stop = stop
         self.beat_interval = min(claims.lease / 5.0, 1.0)  # seconds
         self.pending = []  # (outcome, ticket)
@@ -143,10 +143,8 @@ class Recorder:
                     log.error("stopping with %d mail(s) sent but not recorded: they will be "
                               "sent again", len(outcomes))
                     return
-                self._pause(delay)
+                self._wait_beating(delay * random.uniform(1.0, 1.5))
                 delay = min(delay * 2, RETRY_MAX)
-                if time.monotonic() >= self.next_beat:
-                    self._beat()  # the claims must not lapse while we wait
         self.trouble.over("outcomes are recorded again")
         with self.claims.changed:
             for _, ticket in group:
@@ -176,8 +174,7 @@ class Recorder:
 
     def _connection(self):
         if self.conn is None or self.conn.closed:
-            self.conn = db.connect(self.database_settings, "mailqueue consumer %s (record)"
-                                   % self.name)
+            self.conn = db.connect(self.database_settings, self.app_name)
         return self.conn
 
     def _lost(self, exc):
@@ -185,9 +182,20 @@ class Recorder:
             db.close_quietly(self.conn)
             self.conn = None
 
-    def _pause(self, seconds):
-        with self.wakeup:
-            self.wakeup.wait(seconds * random.uniform(1.0, 1.5))
+    def _wait_beating(self, seconds):
+        """Wait `seconds` before trying again, keeping the heartbeat going all the
+        while: the mails of the outcomes that wait were sent, and if their claims
+        lapsed, another consumer would send them again."""
+        until = time.monotonic() + seconds
+        while not (self.closing and time.monotonic() > self.deadline):
+            now = time.monotonic()
+            if now >= self.next_beat:
+                self._beat()
+                continue
+            if now >= until:
+                return
+            with self.wakeup:
+                self.wakeup.wait(min(until, self.next_beat) - now)
 
 
 def _columns(outcomes):

@@ -194,11 +194,13 @@ WITH outcome AS (
   DELETE FROM queue
    USING outcome
    WHERE queue.queue_id = outcome.queue_id AND outcome.kind <> 'released'
+     AND queue.queue_id = ANY (%(queue_ids)s::int[])
 ), released AS (
   UPDATE queue
      SET claimed_by = NULL, claimed_at = NULL
     FROM outcome
    WHERE queue.queue_id = outcome.queue_id AND outcome.kind = 'released'
+     AND queue.queue_id = ANY (%(queue_ids)s::int[])
      AND queue.claimed_by = %(consumer)s
 ), recorded AS (
   UPDATE jobs
@@ -212,6 +214,9 @@ WITH outcome AS (
     FROM outcome
    WHERE jobs.job_id = outcome.job_id AND jobs.status = 'queued'
      AND outcome.kind IN ('sent', 'failed', 'dead')
+     -- Said again as an array so the planner looks the jobs up by primary key
+     -- even when its statistics are stale (else it may scan every queued job).
+     AND jobs.job_id = ANY (%(job_ids)s::int[])
   RETURNING jobs.job_id, jobs.attempts, outcome.kind, outcome.smtp_code, outcome.error,
             outcome.started
 )

@@ -165,3 +165,24 @@ class Forwarder:
                 s.close()
             except OSError:
                 pass
+
+
+def start_queue(scripts, config, consumers=2, *consumer_args):
+    """`consumers` consumer.py (with `consumer_args`) and one producer.py, running."""
+    started = [scripts.start("consumer.py", "--config", config, *consumer_args)
+               for _ in range(consumers)]
+    return started + [scripts.start("producer.py", "--config", config)]
+
+
+def stop_cleanly(scripts, procs):
+    """SIGTERM each; each must exit 0 without a traceback."""
+    for proc in procs:
+        assert scripts.stop(proc) == 0
+        assert "Traceback" not in scripts.log_of(proc)
+
+
+def send_what_is_queued(scripts, config, *consumer_args):
+    """producer.py --once, then consumer.py --drain: both must exit 0."""
+    assert scripts.run("producer.py", "--config", config, "--once").returncode == 0
+    assert scripts.run("consumer.py", "--config", config, "--drain",
+                       *consumer_args).returncode == 0

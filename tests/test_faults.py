@@ -15,7 +15,7 @@ import pytest
 
 from consumer import POLL_INTERVAL
 from helpers import (arrivals, assert_every_job_completed_once, copies, in_flight_together,
-                     query, queue_marked, status_counts, wait_until)
+                     query, queue_marked, start_queue, status_counts, stop_cleanly, wait_until)
 from mailqueue.db import QUERIES
 from mailqueue.devservers import SmtpSink
 
@@ -98,8 +98,7 @@ def test_killed_consumers_lose_no_job_and_duplicate_at_most_one_mail_per_mail_in
     print("\n%d kills, %d duplicated mails, 0 lost, of %d"
           % (kills, sum(copies(smtp).values()) - len(markers), len(markers)))
     assert not in_flight_together(smtp)
-    for proc in consumers + [producer]:
-        assert scripts.stop(proc) == 0
+    stop_cleanly(scripts, consumers + [producer])
 
 
 def test_killed_process_is_replaced_at_once_and_those_of_a_killed_consumer_stop_by_themselves(
@@ -215,9 +214,7 @@ def test_terminated_claim_or_record_connection_sends_nothing_twice(
         role, db, smtp, make_config, scripts):
     slow_down(smtp, 0.002)
     config = make_config()
-    consumers = [scripts.start("consumer.py", "--config", config, "--concurrency", "4")
-                 for _ in range(2)]
-    producer = scripts.start("producer.py", "--config", config)
+    procs = start_queue(scripts, config, 2, "--concurrency", "4")
     markers = queue_marked(db, 600)
     kills = 0
     for received in range(40, 560, 50):
@@ -232,9 +229,7 @@ def test_terminated_claim_or_record_connection_sends_nothing_twice(
     assert not in_flight_together(smtp)
     print("\n%d %s connections terminated: 0 duplicated, 0 lost, of %d"
           % (kills, role, len(markers)))
-    for proc in consumers + [producer]:
-        assert scripts.stop(proc) == 0
-        assert "Traceback" not in scripts.log_of(proc)
+    stop_cleanly(scripts, procs)
 
 
 def test_a_dba_s_timeouts_on_the_database_cause_no_duplicate(
@@ -245,14 +240,11 @@ def test_a_dba_s_timeouts_on_the_database_cause_no_duplicate(
                       statement_timeout="'1s'")
     slow_down(smtp, 0.3)
     config = make_config()
-    consumers = [scripts.start("consumer.py", "--config", config, "--concurrency", "4")
-                 for _ in range(2)]
-    producer = scripts.start("producer.py", "--config", config)
+    procs = start_queue(scripts, config, 2, "--concurrency", "4")
     markers = queue_marked(db, 400)
     assert_every_job_completed_once(db, smtp, markers, timeout=120)
     assert not in_flight_together(smtp)
-    for proc in consumers + [producer]:
-        assert scripts.stop(proc) == 0
+    stop_cleanly(scripts, procs)
 
 
 def test_idle_session_timeout_between_bursts_causes_no_duplicate(
@@ -261,17 +253,14 @@ def test_idle_session_timeout_between_bursts_causes_no_duplicate(
         pytest.skip("idle_session_timeout is new in PostgreSQL 14")
     database_settings(postgres, database, idle_session_timeout="'3s'")
     config = make_config()
-    consumers = [scripts.start("consumer.py", "--config", config, "--concurrency", "4")
-                 for _ in range(2)]
-    producer = scripts.start("producer.py", "--config", config)
+    procs = start_queue(scripts, config, 2, "--concurrency", "4")
     markers = []
     for burst in range(3):
         markers += queue_marked(db, 200, "burst%d" % burst)
         smtp.wait_for(len(markers))
         time.sleep(4)  # the idle gap the timeout is about: longer than 3 s
     assert_every_job_completed_once(db, smtp, markers)
-    for proc in consumers + [producer]:
-        assert scripts.stop(proc) == 0
+    stop_cleanly(scripts, procs)
 
 
 def test_a_recording_error_that_keeps_coming_back_stops_sending_and_resends_nothing(

@@ -2,7 +2,6 @@
 the jobs table (PgQueuer-style plan-regression guard)."""
 
 import json
-import re
 
 import pytest
 
@@ -54,3 +53,14 @@ def test_hot_queries_use_indexes_not_a_scan_of_jobs(history, name):
         assert any(n.get("Index Name") == "jobs_ready_by_priority_idx" for n in scans)
     if name == "requeue_stranded_jobs":
         assert any(n.get("Index Name") == "jobs_queued_idx" for n in scans)
+
+
+def test_recording_outcomes_looks_jobs_up_by_key_even_with_stale_statistics(history):
+    """A burst queues thousands of jobs after the last ANALYZE: the planner must
+    still find the outcomes' jobs by their job_id, not walk every queued job."""
+    query(history, "WITH q AS (UPDATE jobs SET status = 'queued' WHERE job_id <= 5000 "
+                   "RETURNING job_id) INSERT INTO queue (job_id) SELECT job_id FROM q")
+    nodes = plan_nodes(history, QUERIES["record_outcomes"])
+    scans = [n for n in nodes if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]]
+    assert scans and all("job_id" in n.get("Index Cond", "") for n in scans), \
+        [(n["Node Type"], n.get("Index Name"), n.get("Index Cond")) for n in scans]
