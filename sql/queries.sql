@@ -326,31 +326,30 @@ SELECT outcome, count(*) AS deliveries
  GROUP BY outcome;
 
 -- ops_requeue --
--- Up to %(limit)s jobs of %(status)s (dead or failed) after job %(after)s, among
--- %(job_ids)s if not NULL and last tried within %(since)s seconds if not NULL
--- (end_time for dead jobs, start_time, when last queued, for failed ones), back
--- to available with attempts = 0; the schema's trigger jobs_ring_producer_on_retry
--- wakes the producer. The caller goes on from the largest job_id returned until
--- fewer than %(limit)s come back: each batch is one short transaction.
+-- Up to %(limit)s jobs of %(status)s (dead or failed), among %(job_ids)s if not
+-- NULL and last tried within %(since)s seconds if not NULL (end_time for dead
+-- jobs, start_time, when last queued, for failed ones), back to available with
+-- attempts = 0; the schema's trigger jobs_ring_producer_on_retry wakes the
+-- producer. A job put back leaves the selection, so the caller repeats this until
+-- fewer than %(limit)s come back: each batch is one short transaction, found
+-- through the status's partial index (jobs_finished_idx for dead jobs).
 WITH chosen AS (
   SELECT job_id
     FROM jobs
    WHERE status = %(status)s
-     AND job_id > %(after)s
      AND (%(job_ids)s::int[] IS NULL OR job_id = ANY(%(job_ids)s::int[]))
      AND (%(since)s::float8 IS NULL
           OR COALESCE(end_time, start_time) >= LOCALTIMESTAMP - %(since)s * interval '1 second')
-   ORDER BY job_id
    LIMIT %(limit)s
      FOR UPDATE
 ), requeued AS (
   UPDATE jobs
      SET status = 'available', attempts = 0, run_at = now(), end_time = NULL
     FROM chosen
-   WHERE jobs.job_id = chosen.job_id
+   WHERE jobs.job_id = chosen.job_id AND jobs.status = %(status)s
   RETURNING jobs.job_id
 )
-SELECT count(*) AS jobs, max(job_id) AS last FROM requeued;
+SELECT count(*) AS jobs FROM requeued;
 
 -- ops_requeue_count --
 -- requeue --dry-run: how many jobs ops_requeue would put back; changes nothing.
