@@ -139,6 +139,11 @@ def test_report_dashboard_and_prune_use_indexes_at_a_million_finished_jobs(long_
                 "ops_requeue", "ops_per_minute", "ops_status_counts"}
     if name in finished:
         assert any(n.get("Index Name") == "jobs_finished_idx" for n in big), name
+    if name in ("ops_finished_since", "ops_per_minute", "ops_prune_batch"):
+        # the window bounds the scan: a condition on end_time in the index's range
+        jobs = [n for n in big if n.get("Index Name") == "jobs_finished_idx"]
+        assert jobs and all("end_time" in n.get("Index Cond", "") for n in jobs), \
+            [(n["Node Type"], n.get("Index Cond")) for n in jobs]
     if name in ("ops_failure_reasons", "ops_latest_failures", "ops_deliveries_since",
                 "ops_per_minute"):
         assert any(n.get("Index Name") == "deliveries_finished_idx" for n in big), name
