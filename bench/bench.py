@@ -692,6 +692,23 @@ def profile(lab, build, count, folder):
     return plain, spied, table, raw
 
 
+def cpu_profile(lab, build, count, folder):
+    """Where one consumer process's CPU goes, by bench/cpu_profile.py (cProfile in
+    every thread, CPU time); (Run, [(share of CPU, own µs per mail, function)])."""
+    out = os.path.join(folder, "cpu-%s.pstats" % build.label.replace(" ", "-"))
+    flags = ["--processes", "1"] if build.label == "new" else ["--concurrency", "1"]
+    run = burn_down(lab, build, count, lambda config: [
+        sys.executable, os.path.join(ROOT, "bench", "cpu_profile.py"), out]
+        + build.consumer(*flags)(config)[1:])
+    import pstats
+    stats = pstats.Stats(out).stats
+    total = sum(tottime for _, _, tottime, _, _ in stats.values())
+    table = sorted(((tottime / total, tottime / count * 1e6, "%s (%s:%d)" % (
+        name, os.path.relpath(path, ROOT) if path.startswith(ROOT) else os.path.basename(path),
+        line)) for (path, line, name), (_, _, tottime, _, _) in stats.items()), reverse=True)
+    return run, table
+
+
 # --------------------------------------------------------------------------- report
 
 SCENARIOS = ("ceiling", "local", "latency", "history", "memory", "insert", "relay", "rate",
@@ -898,6 +915,14 @@ def main():
                 row("   PostgreSQL's work per mail", plain.work_text())
                 for share, kind, frame in table[:45]:
                     row("   %5.1f%% %s" % (share * 100, kind), frame[:110])
+        if "profile" in only:
+            for build in [new] + ([old] if old else []):
+                run, table = cpu_profile(lab, build, size["burn"] // 2, folder)
+                row("10. CPU by function (cProfile), %s" % build.label,
+                    "%.0f mails/s profiled" % run.rate, "",
+                    "--processes 1" if build is new else "--concurrency 1 (one worker)")
+                for share, micros, frame in table[:30]:
+                    row("   %5.1f%% %6.1f µs/mail" % (share * 100, micros), frame[:110])
         row("CPU time stolen by the host, whole run", "%.1f%%" % (stolen_in_run.share() * 100))
     finally:
         if proxy:
