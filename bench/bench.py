@@ -530,12 +530,41 @@ def latency(lab, build, rate, seconds, database=None):
             p.send_signal(signal.SIGTERM)
             p.wait()
     arrivals, _ = sink.stop()
+    stages = latency_stages(conn, committed, arrivals)
     if database is None:
         conn.close()
     delays = [(arrivals[a] - t) * 1000 for a, t in committed.items() if a in arrivals]
     if len(delays) != len(committed):
         raise SystemExit("error: %d of %d mails arrived" % (len(delays), len(committed)))
+    latency.stages.append(stages)
     return delays, stolen
+
+
+latency.stages = []  # each run's latency_stages(), for the report
+
+
+def latency_stages(conn, committed, arrivals):
+    """Medians (ms) of where each mail's delay went, from what the database
+    kept: INSERT's commit -> the producer's move (jobs.start_time, its
+    transaction's start) -> a sending thread took it (deliveries.started_at:
+    the claim and the hand-over) -> it arrived at the sink. None when the
+    schema has no deliveries (an old build)."""
+    cur = conn.cursor()
+    cur.execute("SELECT to_regclass('deliveries') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return None
+    cur.execute("SELECT j.email, EXTRACT(EPOCH FROM j.start_time AT TIME ZONE current_setting("
+                "'TimeZone')), EXTRACT(EPOCH FROM d.started_at) FROM jobs j "
+                "JOIN deliveries d ON d.job_id = j.job_id WHERE j.email LIKE 'lat%%'")
+    moved, taken, sent = [], [], []
+    for email, start_time, started_at in cur.fetchall():
+        if email in committed and email in arrivals:
+            moved.append((float(start_time) - committed[email]) * 1000)
+            taken.append((float(started_at) - float(start_time)) * 1000)
+            sent.append((arrivals[email] - float(started_at)) * 1000)
+    if not moved:
+        return None
+    return [statistics.median(x) for x in (moved, taken, sent)]
 
 
 def pooled(runs):
@@ -740,7 +769,7 @@ def main():
     size = dict(burn=5000, seed=2000, history=100_000, lat_seconds=10, memory=10_000,
                 bulk=20_000, singles=2000, rate_jobs=400, quota_jobs=450, turns=1,
                 relay={4: 400, 32: 2000, 128: 6000}) if args.quick else dict(
-        burn=20_000, seed=10_000, history=1_000_000, lat_seconds=30, memory=100_000,
+        burn=20_000, seed=10_000, history=1_000_000, lat_seconds=30, memory=30_000,
         bulk=100_000, singles=10_000, rate_jobs=800, quota_jobs=900, turns=3,
         relay={4: 1000, 32: 6000, 128: 20_000})
 
@@ -825,6 +854,12 @@ def main():
             row("   latency at 50 jobs/s, p99", "%.1f ms" % p99, "<= 8 ms",
                 ("old %.1f ms " % op99 if old else "")
                 + "(CPU stolen by the host meanwhile: %.1f%%)" % (stolen * 100))
+            stages = [st for st in latency.stages if st]
+            if stages:
+                row("   medians: commit>move, move>thread, thread>sink",
+                    " / ".join("%.1f" % statistics.median(st[i] for st in stages)
+                               for i in range(3)) + " ms", "",
+                    "(this consumer, all its latency runs)")
             if history:
                 hp50, hp99, hstolen = pooled(runs[-1])
                 empty, full = in_turns(2, lambda: burn_down(lab, new, size["burn"],
