@@ -177,6 +177,10 @@ class Build:
 
     @classmethod
     def exported(cls, ref, folder):
+        if os.path.isfile(os.path.join(ref, "consumer.py")):  # a folder: a patched copy
+            root = os.path.abspath(ref)
+            tag = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))
+            return cls(root, "old %s" % os.path.basename(root), "bench_template_%s" % tag)
         sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", ref], check=True,
                              capture_output=True, text=True).stdout.strip()
         root = os.path.join(folder, "baseline-%s" % sha)
@@ -407,14 +411,22 @@ def database_work(cur):
 
 
 def settled(cur):
-    """Until the scripts' server processes have gone (they report their
-    statistics as they end)."""
+    """Until the scripts' server processes have gone and their statistics are in
+    (a server process reports them as it ends, after it has left
+    pg_stat_activity): the counters no longer move for 0.2 s."""
     for _ in range(100):
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                     "AND application_name LIKE 'mailqueue%%'")
         if cur.fetchone()[0] == 0:
-            return
+            break
         time.sleep(0.05)
+    last = database_work(cur)
+    for _ in range(15):
+        time.sleep(0.2)
+        now = database_work(cur)
+        if now["rows"] == last["rows"]:  # (commits move with this session's own)
+            return
+        last = now
 
 
 def watched(lab, conn, command, mails):
@@ -753,7 +765,8 @@ def main():
                              "when named)" % ", ".join(SCENARIOS))
     parser.add_argument("--baseline", metavar="GIT_REF",
                         help="also run that commit's consumer, in turns (e.g. 743873b~1, "
-                             "the commit before the consumer's rebuild)")
+                             "the commit before the consumer's rebuild), or the one in a "
+                             "folder (a patched copy of the tree)")
     parser.add_argument("--relay-n", default="4,32,128", metavar="N[,N]",
                         help="mails in flight for the relay scenario (default: 4,32,128)")
     args = parser.parse_args()
