@@ -374,7 +374,7 @@ UNION ALL
 SELECT 'dead', (SELECT count(*) FROM jobs WHERE status = 'dead')
 $v$),
     ('mailqueue_per_minute',
-     'Each minute of the last hour: mails sent, attempts failed (failed or dead) and the lag p50/p95 in seconds (mailqueue view v1)',
+     'Each minute of the last hour: mails sent, attempts failed (failed or dead) and the lag p50/p95 in seconds (mailqueue view v2)',
      -- sent and the lag (end_time - start_time, the seed''s measure) from the jobs
      -- that finished in that minute; failed from the attempts logged in deliveries.
      $v$
@@ -382,15 +382,21 @@ WITH minutes AS (
   SELECT generate_series(date_trunc('minute', now()) - interval '59 minutes',
                          date_trunc('minute', now()), interval '1 minute') AS minute
 ), finished AS (
+  -- one range of jobs_finished_idx per status (see ops_finished_since)
   SELECT date_trunc('minute', end_time)::timestamptz AS minute,
          count(*) FILTER (WHERE status = 'completed') AS sent,
-         percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time))
-           AS lag_p50_seconds,
-         percentile_cont(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time))
-           AS lag_p95_seconds
-    FROM jobs
-   WHERE status IN ('completed', 'dead')
-     AND end_time >= date_trunc('minute', LOCALTIMESTAMP) - interval '59 minutes'
+         percentile_cont(0.5) WITHIN GROUP (ORDER BY lag) AS lag_p50_seconds,
+         percentile_cont(0.95) WITHIN GROUP (ORDER BY lag) AS lag_p95_seconds
+    FROM (SELECT status, end_time, EXTRACT(EPOCH FROM end_time - start_time) AS lag
+            FROM jobs
+           WHERE status = 'completed'
+             AND end_time >= date_trunc('minute', LOCALTIMESTAMP) - interval '59 minutes'
+          UNION ALL
+          SELECT status, end_time, EXTRACT(EPOCH FROM end_time - start_time)
+            FROM jobs
+           WHERE status = 'dead'
+             AND end_time >= date_trunc('minute', LOCALTIMESTAMP) - interval '59 minutes')
+         AS recent
    GROUP BY 1
 ), failures AS (
   SELECT date_trunc('minute', finished_at) AS minute, count(*) AS failed
