@@ -103,6 +103,8 @@ def test_visible_text_leaves_out_scripts_styles_and_the_head_and_keeps_paragraph
     assert text_of_html(html) == "one two\n\nthree\nfour\n\na\nb\n\n<tag> é — end\n"
     assert text_of_html("<pre>keep\n    this</pre><p>x</p>") == "keep\n    this\n\nx\n"
     assert text_of_html("<img src='cid:poster'>") == ""
+    assert text_of_html("<table><tr><td>Bàn</td><td>1</td></tr><tr><th>Ghế</th><td>4</td>"
+                        "</tr></table><p>x</p>") == "Bàn\t1\nGhế\t4\n\nx\n"
 
 
 def test_inline_parts_with_html_are_multipart_related_with_content_ids():
