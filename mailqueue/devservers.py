@@ -47,9 +47,11 @@ def _unprivileged_prefix(folder):
     if os.geteuid() != 0:
         return []
     userns = ["unshare", "--user", "--map-user=65534", "--map-group=65534", "--"]
-    if shutil.which("unshare") and subprocess.run(
-            userns + ["true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
-        return userns
+    if shutil.which("unshare"):
+        tried = subprocess.run(userns + ["true"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        if tried.returncode == 0:
+            return userns
     # No user namespaces (e.g. inside Docker): run as nobody, who must own the folder
     # and be able to read the binaries.
     shutil.chown(folder, "nobody", "nogroup")
@@ -144,7 +146,8 @@ def run_sql(dsn, sql, params=None):
 
 def apply_schema(dsn, path=None):
     """Run sql/schema.sql as one script, as pgAdmin's Query Tool or psql would."""
-    path = path or os.path.join(os.path.dirname(os.path.dirname(__file__)), "sql", "schema.sql")
+    from mailqueue.db import SQL_DIR  # beside the package, or inside it once installed
+    path = path or os.path.join(SQL_DIR, "schema.sql")
     with open(path, encoding="utf-8") as f:
         run_sql(dsn, f.read())
 
