@@ -38,7 +38,18 @@ def test_two_thousand_mails_through_pgbouncer_arrive_once_and_a_later_one_too(
     procs = start_queue(scripts, config)
 
     markers = queue_marked(db, MAILS)
-    assert_every_job_completed_once(db, smtp, markers, timeout=180)
+    # A script that cannot work through the pooler exits (or keeps retrying, and
+    # then the jobs never complete): say which, and its log, at once.
+    wait_until(
+        lambda: (
+            status_counts(db) == {"completed": MAILS} or any(p.poll() is not None for p in procs)
+        ),
+        timeout=180,
+        what="the mails sent through pgbouncer (now %s)" % status_counts(db),
+    )
+    for proc in procs:
+        assert proc.poll() is None, scripts.log_of(proc)[-2000:]
+    assert_every_job_completed_once(db, smtp, markers)
 
     # Inserted once all is quiet: without a direct LISTEN no notification can
     # reach the queue, and the consumers' and producer's polls must find it.
