@@ -177,6 +177,10 @@ class Build:
 
     @classmethod
     def exported(cls, ref, folder):
+        if os.path.isfile(os.path.join(ref, "consumer.py")):  # a folder: a patched copy
+            root = os.path.abspath(ref)
+            tag = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))
+            return cls(root, "old %s" % os.path.basename(root), "bench_template_%s" % tag)
         sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", ref], check=True,
                              capture_output=True, text=True).stdout.strip()
         root = os.path.join(folder, "baseline-%s" % sha)
@@ -407,14 +411,22 @@ def database_work(cur):
 
 
 def settled(cur):
-    """Until the scripts' server processes have gone (they report their
-    statistics as they end)."""
+    """Until the scripts' server processes have gone and their statistics are in
+    (a server process reports them as it ends, after it has left
+    pg_stat_activity): the counters no longer move for 0.2 s."""
     for _ in range(100):
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                     "AND application_name LIKE 'mailqueue%%'")
         if cur.fetchone()[0] == 0:
-            return
+            break
         time.sleep(0.05)
+    last = database_work(cur)
+    for _ in range(15):
+        time.sleep(0.2)
+        now = database_work(cur)
+        if now["rows"] == last["rows"]:  # (commits move with this session's own)
+            return
+        last = now
 
 
 def watched(lab, conn, command, mails):
@@ -530,12 +542,41 @@ def latency(lab, build, rate, seconds, database=None):
             p.send_signal(signal.SIGTERM)
             p.wait()
     arrivals, _ = sink.stop()
+    stages = latency_stages(conn, committed, arrivals)
     if database is None:
         conn.close()
     delays = [(arrivals[a] - t) * 1000 for a, t in committed.items() if a in arrivals]
     if len(delays) != len(committed):
         raise SystemExit("error: %d of %d mails arrived" % (len(delays), len(committed)))
+    latency.stages.append(stages)
     return delays, stolen
+
+
+latency.stages = []  # each run's latency_stages(), for the report
+
+
+def latency_stages(conn, committed, arrivals):
+    """Medians (ms) of where each mail's delay went, from what the database
+    kept: INSERT's commit -> the producer's move (jobs.start_time, its
+    transaction's start) -> a sending thread took it (deliveries.started_at:
+    the claim and the hand-over) -> it arrived at the sink. None when the
+    schema has no deliveries (an old build)."""
+    cur = conn.cursor()
+    cur.execute("SELECT to_regclass('deliveries') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return None
+    cur.execute("SELECT j.email, EXTRACT(EPOCH FROM j.start_time AT TIME ZONE current_setting("
+                "'TimeZone')), EXTRACT(EPOCH FROM d.started_at) FROM jobs j "
+                "JOIN deliveries d ON d.job_id = j.job_id WHERE j.email LIKE 'lat%%'")
+    moved, taken, sent = [], [], []
+    for email, start_time, started_at in cur.fetchall():
+        if email in committed and email in arrivals:
+            moved.append((float(start_time) - committed[email]) * 1000)
+            taken.append((float(started_at) - float(start_time)) * 1000)
+            sent.append((arrivals[email] - float(started_at)) * 1000)
+    if not moved:
+        return None
+    return [statistics.median(x) for x in (moved, taken, sent)]
 
 
 def pooled(runs):
@@ -692,6 +733,23 @@ def profile(lab, build, count, folder):
     return plain, spied, table, raw
 
 
+def cpu_profile(lab, build, count, folder):
+    """Where one consumer process's CPU goes, by bench/cpu_profile.py (cProfile in
+    every thread, CPU time); (Run, [(share of CPU, own µs per mail, function)])."""
+    out = os.path.join(folder, "cpu-%s.pstats" % build.label.replace(" ", "-"))
+    flags = ["--processes", "1"] if build.label == "new" else ["--concurrency", "1"]
+    run = burn_down(lab, build, count, lambda config: [
+        sys.executable, os.path.join(ROOT, "bench", "cpu_profile.py"), out]
+        + build.consumer(*flags)(config)[1:])
+    import pstats
+    stats = pstats.Stats(out).stats
+    total = sum(tottime for _, _, tottime, _, _ in stats.values())
+    table = sorted(((tottime / total, tottime / count * 1e6, "%s (%s:%d)" % (
+        name, os.path.relpath(path, ROOT) if path.startswith(ROOT) else os.path.basename(path),
+        line)) for (path, line, name), (_, _, tottime, _, _) in stats.items()), reverse=True)
+    return run, table
+
+
 # --------------------------------------------------------------------------- report
 
 SCENARIOS = ("ceiling", "local", "latency", "history", "memory", "insert", "relay", "rate",
@@ -707,7 +765,8 @@ def main():
                              "when named)" % ", ".join(SCENARIOS))
     parser.add_argument("--baseline", metavar="GIT_REF",
                         help="also run that commit's consumer, in turns (e.g. 743873b~1, "
-                             "the commit before the consumer's rebuild)")
+                             "the commit before the consumer's rebuild), or the one in a "
+                             "folder (a patched copy of the tree)")
     parser.add_argument("--relay-n", default="4,32,128", metavar="N[,N]",
                         help="mails in flight for the relay scenario (default: 4,32,128)")
     args = parser.parse_args()
@@ -723,7 +782,7 @@ def main():
     size = dict(burn=5000, seed=2000, history=100_000, lat_seconds=10, memory=10_000,
                 bulk=20_000, singles=2000, rate_jobs=400, quota_jobs=450, turns=1,
                 relay={4: 400, 32: 2000, 128: 6000}) if args.quick else dict(
-        burn=20_000, seed=10_000, history=1_000_000, lat_seconds=30, memory=100_000,
+        burn=20_000, seed=10_000, history=1_000_000, lat_seconds=30, memory=30_000,
         bulk=100_000, singles=10_000, rate_jobs=800, quota_jobs=900, turns=3,
         relay={4: 1000, 32: 6000, 128: 20_000})
 
@@ -808,6 +867,12 @@ def main():
             row("   latency at 50 jobs/s, p99", "%.1f ms" % p99, "<= 8 ms",
                 ("old %.1f ms " % op99 if old else "")
                 + "(CPU stolen by the host meanwhile: %.1f%%)" % (stolen * 100))
+            stages = [st for st in latency.stages if st]
+            if stages:
+                row("   medians: commit>move, move>thread, thread>sink",
+                    " / ".join("%.1f" % statistics.median(st[i] for st in stages)
+                               for i in range(3)) + " ms", "",
+                    "(this consumer, all its latency runs)")
             if history:
                 hp50, hp99, hstolen = pooled(runs[-1])
                 empty, full = in_turns(2, lambda: burn_down(lab, new, size["burn"],
@@ -898,6 +963,14 @@ def main():
                 row("   PostgreSQL's work per mail", plain.work_text())
                 for share, kind, frame in table[:45]:
                     row("   %5.1f%% %s" % (share * 100, kind), frame[:110])
+        if "profile" in only:
+            for build in [new] + ([old] if old else []):
+                run, table = cpu_profile(lab, build, size["burn"] // 2, folder)
+                row("10. CPU by function (cProfile), %s" % build.label,
+                    "%.0f mails/s profiled" % run.rate, "",
+                    "--processes 1" if build is new else "--concurrency 1 (one worker)")
+                for share, micros, frame in table[:30]:
+                    row("   %5.1f%% %6.1f µs/mail" % (share * 100, micros), frame[:110])
         row("CPU time stolen by the host, whole run", "%.1f%%" % (stolen_in_run.share() * 100))
     finally:
         if proxy:
