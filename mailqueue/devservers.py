@@ -160,9 +160,9 @@ class ThrowawayPgbouncer:
         self.folder = tempfile.mkdtemp(prefix="mailqueue-pgbouncer-")
         os.chmod(self.folder, 0o755)
         self.port = free_port()
-        quote = lambda text: '"%s"' % text.replace('"', '""')  # noqa: E731
         with open(os.path.join(self.folder, "userlist.txt"), "w") as f:
-            f.write("%s %s\n" % (quote(self.user), quote(self.password)))
+            f.write("%s %s\n" % tuple('"%s"' % text.replace('"', '""')
+                                       for text in (self.user, self.password)))
         settings = dict({
             "listen_addr": "127.0.0.1", "listen_port": str(self.port),
             "unix_socket_dir": "",  # TCP only: no socket file in /tmp
