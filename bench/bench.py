@@ -410,6 +410,16 @@ def database_work(cur):
     return dict(commits=commits, fsyncs=fsyncs, wal_bytes=float(wal_bytes), rows=rows)
 
 
+def flush_statistics(conn):
+    """Have this session report its statistics now (PostgreSQL 15+): a session
+    reports them at most once a second, at the end of a transaction, so they
+    would land in whatever is measured next."""
+    if conn.server_version >= 150000:
+        cur = conn.cursor()
+        cur.execute("SELECT pg_stat_force_next_flush()")
+        cur.execute("SELECT 1")
+
+
 def settled(cur):
     """Until the scripts' server processes have gone and their statistics are in
     (a server process reports them as it ends, after it has left
@@ -475,6 +485,7 @@ def burn_down(lab, build, count, command, database=None, smtp_port=None):
     conn, config = database or lab.fresh(build, smtp_port)
     before = completed(conn)
     insert_jobs(conn, count)
+    flush_statistics(conn)  # the INSERT's rows are not the consumer's work
     subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
     run = watched(lab, conn, command(config), count)
     done = completed(conn) - before
