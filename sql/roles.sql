@@ -25,7 +25,14 @@ $$;
 -- read other jobs' addresses or contents, change a job, or touch the queue.
 GRANT INSERT ON jobs TO mailqueue_app;
 GRANT SELECT (job_id) ON jobs TO mailqueue_app;
+-- ... ON CONFLICT (idempotency_key) DO NOTHING: PostgreSQL requires SELECT on the
+-- column it names (the keys are the application's own; no address or content).
+GRANT SELECT (idempotency_key) ON jobs TO mailqueue_app;
 GRANT USAGE ON SEQUENCE jobs_job_id_seq TO mailqueue_app;
+-- Its files, in the same transaction as their job (see README); it cannot read
+-- back or change any file, its own included.
+GRANT INSERT ON attachments TO mailqueue_app;
+GRANT USAGE ON SEQUENCE attachments_attachment_id_seq TO mailqueue_app;
 
 -- The scripts: read jobs and change only their bookkeeping columns; move rows
 -- through the queue. They cannot insert or delete jobs, nor change a mail's

@@ -202,6 +202,28 @@ BEGIN
 END
 $$;
 
+-- One job per idempotency_key, so that an application's retried
+--   INSERT ... ON CONFLICT (idempotency_key) DO NOTHING
+-- queues its mail once. A plain (not partial) unique index: ON CONFLICT names it
+-- by its column alone, and the many jobs without a key (NULL) never conflict.
+-- Jobs are never deleted here: if rows inserted before this index share a key,
+-- a warning names the key and the index waits for them to be fixed.
+DO $$
+DECLARE
+  twice VARCHAR;
+BEGIN
+  IF to_regclass('jobs_idempotency_key_key') IS NULL THEN
+    SELECT idempotency_key INTO twice FROM jobs WHERE idempotency_key IS NOT NULL
+     GROUP BY idempotency_key HAVING count(*) > 1 LIMIT 1;
+    IF FOUND THEN
+      RAISE WARNING 'jobs share idempotency_key %: give them distinct keys (or NULL) and run this script again', twice;
+    ELSE
+      CREATE UNIQUE INDEX jobs_idempotency_key_key ON jobs (idempotency_key);
+    END IF;
+  END IF;
+END
+$$;
+
 
 -- =============================================================================
 -- Indexes
@@ -228,7 +250,10 @@ BEGIN
     ('queue_waiting_idx', 'ON queue (priority DESC, queue_id) WHERE claimed_by IS NULL'),
     -- A consumer's own claims (its heartbeat, and freeing them when it goes): only
     -- claimed rows are in it.
-    ('queue_claimed_by_idx', 'ON queue (claimed_by) WHERE claimed_by IS NOT NULL')
+    ('queue_claimed_by_idx', 'ON queue (claimed_by) WHERE claimed_by IS NOT NULL'),
+    -- The files of a job: the claim's has_attachments, attachments_of, and the
+    -- cascade when a job is deleted.
+    ('attachments_job_id_idx', 'ON attachments (job_id)')
   ) AS wanted(name, definition)
   LOOP
     IF to_regclass(idx.name) IS NULL THEN
@@ -349,7 +374,7 @@ UNION ALL
 SELECT 'dead', (SELECT count(*) FROM jobs WHERE status = 'dead')
 $v$),
     ('mailqueue_per_minute',
-     'Each minute of the last hour: mails sent, attempts failed (failed or dead) and the lag p50/p95 in seconds (mailqueue view v1)',
+     'Each minute of the last hour: mails sent, attempts failed (failed or dead) and the lag p50/p95 in seconds (mailqueue view v2)',
      -- sent and the lag (end_time - start_time, the seed''s measure) from the jobs
      -- that finished in that minute; failed from the attempts logged in deliveries.
      $v$
@@ -357,15 +382,21 @@ WITH minutes AS (
   SELECT generate_series(date_trunc('minute', now()) - interval '59 minutes',
                          date_trunc('minute', now()), interval '1 minute') AS minute
 ), finished AS (
+  -- one range of jobs_finished_idx per status (see ops_finished_since)
   SELECT date_trunc('minute', end_time)::timestamptz AS minute,
          count(*) FILTER (WHERE status = 'completed') AS sent,
-         percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time))
-           AS lag_p50_seconds,
-         percentile_cont(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM end_time - start_time))
-           AS lag_p95_seconds
-    FROM jobs
-   WHERE status IN ('completed', 'dead')
-     AND end_time >= date_trunc('minute', LOCALTIMESTAMP) - interval '59 minutes'
+         percentile_cont(0.5) WITHIN GROUP (ORDER BY lag) AS lag_p50_seconds,
+         percentile_cont(0.95) WITHIN GROUP (ORDER BY lag) AS lag_p95_seconds
+    FROM (SELECT status, end_time, EXTRACT(EPOCH FROM end_time - start_time) AS lag
+            FROM jobs
+           WHERE status = 'completed'
+             AND end_time >= date_trunc('minute', LOCALTIMESTAMP) - interval '59 minutes'
+          UNION ALL
+          SELECT status, end_time, EXTRACT(EPOCH FROM end_time - start_time)
+            FROM jobs
+           WHERE status = 'dead'
+             AND end_time >= date_trunc('minute', LOCALTIMESTAMP) - interval '59 minutes')
+         AS recent
    GROUP BY 1
 ), failures AS (
   SELECT date_trunc('minute', finished_at) AS minute, count(*) AS failed

@@ -64,3 +64,93 @@ def test_recording_outcomes_looks_jobs_up_by_key_even_with_stale_statistics(hist
     scans = [n for n in nodes if n.get("Relation Name") == "jobs" and "Scan" in n["Node Type"]]
     assert scans and all("job_id" in n.get("Index Cond", "") for n in scans), \
         [(n["Node Type"], n.get("Index Name"), n.get("Index Cond")) for n in scans]
+
+
+# ---------------------------------------------------------------- operating the queue
+
+OPS_PARAMS = {"since": 3600.0, "limit": 10, "status": "dead", "after": 0, "job_ids": None,
+              "older_than": 30 * 86400.0}
+OPS_QUERIES = ["ops_status_counts", "ops_finished_since", "ops_waiting", "ops_failure_reasons",
+               "ops_latest_failures", "ops_per_minute", "ops_deliveries_since",
+               "ops_requeue_count", "ops_requeue", "ops_prune_count", "ops_prune_batch"]
+
+
+@pytest.fixture(scope="module")
+def long_history(postgres, template_database):
+    """1,000,000 finished jobs over 60 days, each with its attempt in deliveries (1 in
+    50 a failure), a few waiting ones; statistics and visibility map up to date.
+    Bodies of about 1 KB, as real mails (and the bench's): with tiny rows the
+    table is small enough that scanning it whole is the planner's right choice,
+    which a real history never is. Built once for the module (about 25 s), in a
+    database of its own."""
+    import psycopg2
+    name = postgres.create_database(template=template_database)
+    conn = psycopg2.connect(postgres.dsn(name))
+    conn.autocommit = True
+    query(conn, "INSERT INTO jobs (email, content_message, status, start_time, end_time, attempts) "
+                "SELECT 'old' || i || '@example.com', repeat('Nội dung thư ', 60), "
+                "       CASE WHEN i % 50 = 0 THEN 'dead' ELSE 'completed' END, "
+                "       LOCALTIMESTAMP - i * interval '5 seconds' - interval '2 seconds', "
+                "       LOCALTIMESTAMP - i * interval '5 seconds', 1 "
+                "FROM generate_series(1, 1000000) i")
+    query(conn, "INSERT INTO deliveries (job_id, attempt, started_at, finished_at, outcome, "
+                "smtp_code, detail) "
+                "SELECT job_id, 1, end_time::timestamptz - interval '1 second', end_time, "
+                "       CASE WHEN status = 'dead' THEN 'dead' ELSE 'sent' END, "
+                "       CASE WHEN status = 'dead' THEN 550 ELSE 250 END, "
+                "       CASE WHEN status = 'dead' THEN 'recipient refused: 550 5.1.1 <' || email "
+                "            || '>: no such user' END FROM jobs")
+    query(conn, "INSERT INTO jobs (email, content_message) "
+                "SELECT 'new' || i || '@example.com', 'ready' FROM generate_series(1, 20) i")
+    query(conn, "WITH q AS (UPDATE jobs SET status = 'queued' WHERE job_id IN "
+                "(SELECT job_id FROM jobs WHERE status = 'available' LIMIT 10) RETURNING job_id) "
+                "INSERT INTO queue (job_id) SELECT job_id FROM q")
+    query(conn, "VACUUM ANALYZE jobs")
+    query(conn, "VACUUM ANALYZE deliveries")
+    query(conn, "ANALYZE queue")
+    yield conn
+    conn.close()
+    postgres.drop_database(name)
+
+
+def ops_plan_nodes(db, name, **params):
+    with db.cursor() as cur:
+        explained = cur.mogrify("EXPLAIN (FORMAT JSON) " + QUERIES[name],
+                                dict(OPS_PARAMS, **params)).decode()
+    [(plan,)] = query(db, explained)
+    plan = plan if isinstance(plan, list) else json.loads(plan)
+    nodes, todo = [], [plan[0]["Plan"]]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        todo.extend(node.get("Plans", []))
+    return nodes
+
+
+@pytest.mark.parametrize("name", OPS_QUERIES)
+def test_report_dashboard_and_prune_use_indexes_at_a_million_finished_jobs(long_history, name):
+    params = {"after": "-infinity"} if name == "ops_prune_batch" else {}
+    nodes = ops_plan_nodes(long_history, name, **params)  # EXPLAIN alone runs nothing
+    big = [n for n in nodes if n.get("Relation Name") in ("jobs", "deliveries")]
+    assert big, "the query reads jobs or deliveries"
+    assert all(n["Node Type"] != "Seq Scan" for n in big), \
+        [(n["Relation Name"], n["Node Type"]) for n in big]
+    finished = {"ops_finished_since", "ops_prune_count", "ops_prune_batch", "ops_requeue_count",
+                "ops_requeue", "ops_per_minute", "ops_status_counts"}
+    if name in finished:
+        assert any(n.get("Index Name") == "jobs_finished_idx" for n in big), name
+    if name in ("ops_finished_since", "ops_per_minute", "ops_prune_batch"):
+        # the window bounds the scan: a condition on end_time in the index's range
+        jobs = [n for n in big if n.get("Index Name") == "jobs_finished_idx"]
+        assert jobs and all("end_time" in n.get("Index Cond", "") for n in jobs), \
+            [(n["Node Type"], n.get("Index Cond")) for n in jobs]
+    if name in ("ops_failure_reasons", "ops_latest_failures", "ops_deliveries_since",
+                "ops_per_minute"):
+        assert any(n.get("Index Name") == "deliveries_finished_idx" for n in big), name
+
+
+def test_requeue_of_failed_jobs_and_of_named_jobs_uses_indexes(long_history):
+    for params in ({"status": "failed"}, {"job_ids": [5, 6, 7]}, {"since": None}):
+        nodes = ops_plan_nodes(long_history, "ops_requeue", **params)
+        scans = [n for n in nodes if n.get("Relation Name") == "jobs"]
+        assert scans and all(n["Node Type"] != "Seq Scan" for n in scans), (params, scans)

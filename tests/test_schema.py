@@ -2,8 +2,10 @@
 
 import os
 import re
+import threading
 
 import psycopg2
+import psycopg2.errors
 import pytest
 
 from helpers import ROOT, query, wait_until
@@ -125,3 +127,66 @@ def test_notifications_carry_no_personal_data(postgres, database, db):
     listener.close()
     assert sorted(notes) == [("mailqueue_jobs", ""), ("mailqueue_queue", "")], \
         "one empty notification per statement"
+
+
+def schema_run_in_background(dsn):
+    """apply_schema on a thread of its own: (thread, the error it raised, if any)."""
+    outcome = {}
+
+    def apply():
+        try:
+            apply_schema(dsn)
+        except psycopg2.Error as exc:
+            outcome["error"] = exc
+    thread = threading.Thread(target=apply, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_schema_rerun_while_an_insert_is_open_takes_no_lock_and_blocks_no_writer(
+        postgres, database, db):
+    """The schema run again while an application's INSERT on jobs is not yet
+    committed: it finishes without waiting (every object is already there), and
+    another writer inserts meanwhile, as it would if nobody ran the schema."""
+    holder = psycopg2.connect(postgres.dsn(database))
+    writer = psycopg2.connect(postgres.dsn(database))
+    writer.autocommit = True
+    try:
+        query(holder, "INSERT INTO jobs(email, content_message) VALUES ('held@example.com', 'x')")
+        thread, outcome = schema_run_in_background(postgres.dsn(database))
+        # Bounded, not a sleep: a run that queued for a lock would still be waiting
+        # (lock_timeout 5 s) or have failed; writers would queue behind it.
+        thread.join(timeout=4)
+        assert not thread.is_alive(), "the schema run waited for the open INSERT's lock"
+        assert "error" not in outcome, outcome.get("error")
+        query(writer, "SET statement_timeout = '3s'")
+        query(writer, "INSERT INTO jobs(email, content_message) VALUES ('other@example.com', 'y')")
+        holder.commit()
+        assert sorted(r[0] for r in query(db, "SELECT email FROM jobs")) == [
+            "held@example.com", "other@example.com"]
+    finally:
+        holder.close()
+        writer.close()
+
+
+def test_schema_run_that_must_wait_for_a_lock_gives_up_with_a_clear_error(
+        postgres, database, db):
+    """An index is missing, so the run must lock jobs; an open INSERT holds it.
+    The run stops at its lock_timeout with PostgreSQL's own message instead of
+    queueing every writer behind it for as long as the INSERT stays open."""
+    query(db, "DROP INDEX jobs_queued_idx")
+    holder = psycopg2.connect(postgres.dsn(database))
+    try:
+        query(holder, "INSERT INTO jobs(email, content_message) VALUES ('held@example.com', 'x')")
+        thread, outcome = schema_run_in_background(postgres.dsn(database))
+        thread.join(timeout=30)  # lock_timeout is 5 s; bounded in case it is not set
+        stuck = thread.is_alive()
+        holder.rollback()  # lets a stuck run go on, so the thread ends either way
+        thread.join(timeout=30)
+        assert not stuck, "the schema run queued for the lock with no lock_timeout"
+        assert isinstance(outcome.get("error"), psycopg2.errors.LockNotAvailable)
+        assert "lock timeout" in str(outcome["error"])
+    finally:
+        holder.close()
+    apply_schema(postgres.dsn(database))  # later, with the INSERT gone, it goes through
+    assert query(db, "SELECT to_regclass('jobs_queued_idx') IS NOT NULL") == [(True,)]
