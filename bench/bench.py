@@ -401,11 +401,14 @@ class Run:
 def database_work(cur):
     """Counters of the work PostgreSQL did (cur's database; WAL: the cluster)."""
     cur.execute("SELECT pg_stat_clear_snapshot()")
+    # WAL flushes: pg_stat_wal.wal_sync up to PostgreSQL 17, pg_stat_io from 18 on.
+    fsyncs = ("wal_sync" if cur.connection.server_version < 180000 else
+              "(SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal')")
     cur.execute("SELECT (SELECT xact_commit FROM pg_stat_database "
-                "         WHERE datname = current_database()), wal_sync, wal_bytes, "
+                "         WHERE datname = current_database()), %s, wal_bytes, "
                 "       (SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) "
                 "          FROM pg_stat_user_tables) "
-                "  FROM pg_stat_wal")
+                "  FROM pg_stat_wal" % fsyncs)
     commits, fsyncs, wal_bytes, rows = cur.fetchone()
     return dict(commits=commits, fsyncs=fsyncs, wal_bytes=float(wal_bytes), rows=rows)
 
