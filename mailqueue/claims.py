@@ -72,8 +72,11 @@ class Claims:
                 self.changed.notify_all()
 
     def is_lost(self, queue_id):
-        with self.changed:
-            return queue_id in self.lost
+        # No lock: a set's membership test is atomic under the GIL, and taking
+        # the lock gave no stronger answer (a heartbeat may mark the claim lost
+        # just after either way; the lease margin covers that window). Called
+        # 3.5 times per mail; the lock was ~2 us of each.
+        return queue_id in self.lost
 
     def lease_holds(self):
         return self.consumer_id is not None and self.clock() < self.valid_until

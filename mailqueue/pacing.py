@@ -1,4 +1,4 @@
-"""How fast a consumer process may claim mails: the server's throttling replies.
+"""How fast a consumer process may send mails: the server's throttling replies.
 
 queue.rate_limit, the limit across every consumer, lives in PostgreSQL (the
 token bucket of sql/queries.sql, claim_paced_batch). This module is the other
@@ -11,6 +11,7 @@ rate that was too fast, then probe past it slowly.
 
 import collections
 import logging
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,13 @@ def burst_for(rate):
 
 class Governor:
     """This process's own speed limit, set by the server's throttling replies.
-    Thread-safe enough for its use: the sending threads call sent() and
-    throttled(); the claiming thread calls grant()/give_back()/wait_time()."""
+    It paces the sends themselves, not the claims: the mails already claimed
+    when the first throttling reply comes would otherwise all go at full speed,
+    and be throttled too. Every method may be called from any thread."""
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
+        self.lock = threading.Lock()
         self.bucket = None          # None: no limit
         self.ceiling = None         # the rate at which the server last throttled us
         self.last_cut = -CUT_COOLDOWN
@@ -95,6 +98,10 @@ class Governor:
 
     def throttled(self, reason):
         """The server said we send too fast: halve the rate (once per episode)."""
+        with self.lock:
+            self._throttled(reason)
+
+    def _throttled(self, reason):
         now = self.clock()
         self.last_throttled = now
         if now - self.last_cut < CUT_COOLDOWN:
@@ -117,8 +124,8 @@ class Governor:
         self.bucket.burst = burst_for(rate)
         self.bucket.tokens = min(self.bucket.tokens, self.bucket.burst)
 
-    def step(self):
-        """Called often by the claiming thread: speed up while no throttling comes."""
+    def _step(self):
+        """Speed up while no throttling comes (at most every STEP_INTERVAL)."""
         if self.bucket is None:
             return
         now = self.clock()
@@ -138,13 +145,21 @@ class Governor:
             return
         self._set_rate(rate)
 
-    def grant(self, wanted):
-        """How many of `wanted` mails may be claimed now."""
-        return wanted if self.bucket is None else self.bucket.take(wanted)
+    def step(self):
+        """Speed up while no throttling comes; the claiming thread calls it at
+        every wake-up too, so that an idle process recovers as well."""
+        with self.lock:
+            self._step()
 
-    def give_back(self, count):
-        if self.bucket is not None and count > 0:
-            self.bucket.give_back(count)
+    def may_send(self):
+        """Whether a mail may go now (taking its token if so)."""
+        with self.lock:
+            self._step()
+            return self.bucket is None or self.bucket.take(1) == 1
 
-    def wait_time(self):
-        return 0.0 if self.bucket is None else self.bucket.wait_time()
+    def wait_to_send(self, stop):
+        """Until a mail may go (or a stop is requested)."""
+        while not self.may_send() and not stop.requested:
+            with self.lock:
+                wait = 0.0 if self.bucket is None else self.bucket.wait_time()
+            stop.sleep(wait)

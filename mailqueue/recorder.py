@@ -48,11 +48,14 @@ class Outcome:
 
 
 class Ticket:
-    """Whether an outcome handed to the recorder is durable yet."""
-    __slots__ = ("done",)
+    """Whether an outcome handed to the recorder is durable yet. `durable` is
+    set with `done`: the one thread waiting for this outcome wakes, not all of
+    them (each commit used to wake every thread at the gate)."""
+    __slots__ = ("done", "durable")
 
     def __init__(self):
         self.done = False
+        self.durable = threading.Event()
 
 
 class Recorder:
@@ -149,6 +152,8 @@ class Recorder:
         with self.claims.changed:
             for _, ticket in group:
                 ticket.done = True
+        for _, ticket in group:
+            ticket.durable.set()
         self.claims.forget([o.queue_id for o in outcomes])
 
     def _beat(self):
