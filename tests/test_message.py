@@ -7,6 +7,7 @@ import email
 import email.policy
 import functools
 import json
+import re
 
 import dkim
 import pytest
@@ -75,6 +76,18 @@ def test_plain_text_stays_a_single_text_part_whatever_else_the_job_has():
     message = parse(mail)
     assert structure(message) == "text/plain"
     assert message.get_content() == VIETNAMESE.replace("\n", "\r\n")
+
+
+@pytest.mark.parametrize("columns", [
+    dict(content_message=VIETNAMESE, subject="Chào bạn"), dict(subject=None),
+    dict(email="người.nhận@ví-dụ.vn"), dict(content_message="a\r\nb\rc\n"),
+])
+def test_the_plain_path_writes_what_the_general_path_writes(columns):
+    """A job with no optional column takes a shortcut; an empty cc array (no Cc)
+    takes the general path: the two mails must be the same bytes."""
+    without_date = lambda mail: re.sub(rb"\r\nDate: [^\r]*", b"", mail.data)  # noqa: E731
+    assert without_date(build(**columns)) == without_date(build(cc=[], **columns))
+    assert build(**columns).recipients == build(cc=[], **columns).recipients
 
 
 def test_html_with_text_is_multipart_alternative_text_first():
