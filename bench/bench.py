@@ -401,13 +401,26 @@ class Run:
 def database_work(cur):
     """Counters of the work PostgreSQL did (cur's database; WAL: the cluster)."""
     cur.execute("SELECT pg_stat_clear_snapshot()")
+    # WAL flushes: pg_stat_wal.wal_sync up to PostgreSQL 17, pg_stat_io from 18 on.
+    fsyncs = ("wal_sync" if cur.connection.server_version < 180000 else
+              "(SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal')")
     cur.execute("SELECT (SELECT xact_commit FROM pg_stat_database "
-                "         WHERE datname = current_database()), wal_sync, wal_bytes, "
+                "         WHERE datname = current_database()), %s, wal_bytes, "
                 "       (SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) "
                 "          FROM pg_stat_user_tables) "
-                "  FROM pg_stat_wal")
+                "  FROM pg_stat_wal" % fsyncs)
     commits, fsyncs, wal_bytes, rows = cur.fetchone()
     return dict(commits=commits, fsyncs=fsyncs, wal_bytes=float(wal_bytes), rows=rows)
+
+
+def flush_statistics(conn):
+    """Have this session report its statistics now (PostgreSQL 15+): a session
+    reports them at most once a second, at the end of a transaction, so they
+    would land in whatever is measured next."""
+    if conn.server_version >= 150000:
+        cur = conn.cursor()
+        cur.execute("SELECT pg_stat_force_next_flush()")
+        cur.execute("SELECT 1")
 
 
 def settled(cur):
@@ -475,6 +488,7 @@ def burn_down(lab, build, count, command, database=None, smtp_port=None):
     conn, config = database or lab.fresh(build, smtp_port)
     before = completed(conn)
     insert_jobs(conn, count)
+    flush_statistics(conn)  # the INSERT's rows are not the consumer's work
     subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
     run = watched(lab, conn, command(config), count)
     done = completed(conn) - before

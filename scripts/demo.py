@@ -136,6 +136,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500, help="how many sample jobs")
     parser.add_argument("--consumers", type=int, default=2, help="consumer processes")
+    parser.add_argument("--dashboard", action="store_true",  # issue 13
+                        help="at the end, serve the dashboard on the demo's database until Ctrl-C")
     parser.add_argument("--output", default=os.path.join(ROOT, "demo-output"),
                         help="folder for the Maildir, the config and the logs")
     args = parser.parse_args()
@@ -206,6 +208,16 @@ def main():
         cur.execute("SELECT email, last_error FROM jobs WHERE status = 'dead' ORDER BY job_id")
         dead = cur.fetchall()
         db.close()
+        # Operating it (issue 13): the report now, the dashboard while the database is up.
+        ops = [sys.executable, "-m", "mailqueue", "report", "--config", config_path]
+        report = subprocess.run(ops, cwd=ROOT, capture_output=True, text=True)
+        report = report.stdout or report.stderr
+        if args.dashboard:
+            print("\n%s\nThe dashboard: http://127.0.0.1:8025/ (Ctrl-C ends the demo)" % report)
+            try:
+                subprocess.run(ops[:3] + ["dashboard", "--config", config_path], cwd=ROOT)
+            except KeyboardInterrupt:
+                pass
 
     sent = dict(counts).get("completed", 0)
     print("\nDone in %.2f s: %d mails sent, %.0f mails/s." % (elapsed, sent, sent / elapsed))
@@ -220,6 +232,9 @@ def main():
     html_mail = _a_mail_with_attachments(maildir)
     if html_mail:
         print("An HTML mail with its logo and PDF: %s" % html_mail)
+    print("\npython -m mailqueue report --config %s said:\n%s" % (config_path, report))
+    print("To see the dashboard: ./scripts/demo --dashboard, then open http://127.0.0.1:8025/ "
+          "(on your database: python -m mailqueue dashboard --config config.json)")
 
 
 def _a_mail_with_attachments(maildir):
