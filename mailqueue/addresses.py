@@ -30,9 +30,9 @@ class BadHeader(ValueError):
 
 @dataclass(frozen=True)
 class Address:
-    address: str     # as it goes on the wire (ASCII where it can be)
-    domain: str      # ASCII (IDNA) form of the domain
-    smtputf8: bool   # the local part is not ASCII: needs a server with SMTPUTF8
+    address: str  # as it goes on the wire (ASCII where it can be)
+    domain: str  # ASCII (IDNA) form of the domain
+    smtputf8: bool  # the local part is not ASCII: needs a server with SMTPUTF8
 
 
 def parse_recipient(value, what="email", allow_local=False):
@@ -45,8 +45,7 @@ def parse_recipient(value, what="email", allow_local=False):
     if not text:
         raise BadAddress("%s is empty: no recipient" % what)
     if _FORBIDDEN_IN_HEADER.search(text):
-        raise BadAddress("%s %s contains a line break or control character"
-                         % (what, _shown(text)))
+        raise BadAddress("%s %s contains a line break or control character" % (what, _shown(text)))
     local, _, domain = text.rpartition("@")
     if _PLAIN_LOCAL_PART.match(local) and domain.isascii():
         # The common case, checked faster: a plain ASCII local part, and a domain
@@ -66,14 +65,17 @@ def parse_recipient(value, what="email", allow_local=False):
     # RFC 5321 4.5.3.1 counts octets (of UTF-8, RFC 6531).
     local_octets = len(found.address.rpartition("@")[0].encode("utf-8"))
     if local_octets > MAX_LOCAL_PART_OCTETS:
-        raise BadAddress("%s %s is not a valid address: its local part is %d octets long; "
-                         "at most %d are allowed (RFC 5321)"
-                         % (what, _shown(text), local_octets, MAX_LOCAL_PART_OCTETS))
+        raise BadAddress(
+            "%s %s is not a valid address: its local part is %d octets long; "
+            "at most %d are allowed (RFC 5321)"
+            % (what, _shown(text), local_octets, MAX_LOCAL_PART_OCTETS)
+        )
     octets = len(found.address.encode("utf-8"))
     if octets > MAX_ADDRESS_OCTETS:
-        raise BadAddress("%s %s is not a valid address: it is %d octets long; at most %d "
-                         "are allowed (RFC 5321)" % (what, _shown(text), octets,
-                                                      MAX_ADDRESS_OCTETS))
+        raise BadAddress(
+            "%s %s is not a valid address: it is %d octets long; at most %d "
+            "are allowed (RFC 5321)" % (what, _shown(text), octets, MAX_ADDRESS_OCTETS)
+        )
     return found
 
 
@@ -93,8 +95,9 @@ def _validate(text, allow_local):
     and the label is taken off again."""
     if not allow_local:
         return validate_email(text, check_deliverability=False)
-    checked = validate_email(text + _NEUTRAL_LABEL, check_deliverability=False,
-                             globally_deliverable=False)
+    checked = validate_email(
+        text + _NEUTRAL_LABEL, check_deliverability=False, globally_deliverable=False
+    )
     cut = len(_NEUTRAL_LABEL)
     checked.normalized = checked.normalized[:-cut]
     checked.ascii_domain = checked.ascii_domain[:-cut]
@@ -127,24 +130,34 @@ def parse_mailbox(value, what, allow_local=False):
     simple = _SIMPLE_MAILBOX.match(value)
     if simple:  # no quotes, comments or lists: what parseaddr would read, cheaper
         name, bracketed, bare = simple.groups()
-        return (" ".join((name or "").split()),
-                parse_recipient(bracketed or bare, what, allow_local))
+        return (
+            " ".join((name or "").split()),
+            parse_recipient(bracketed or bare, what, allow_local),
+        )
     name, address = parseaddr(value)
     # parseaddr is lenient (CVE-2023-27043): accept only what it reads back exactly.
-    forms = ("%s <%s>" % (name, address), '"%s" <%s>' % (name, address)) if name else (
-        address, "<%s>" % address)
+    forms = (
+        ("%s <%s>" % (name, address), '"%s" <%s>' % (name, address))
+        if name
+        else (address, "<%s>" % address)
+    )
     if not address or " ".join(value.split()) not in forms:
         if len(getaddresses([value])) > 1:
-            raise BadAddress("%s %s holds more than one address; one is expected"
-                             % (what, _shown(value)))
-        raise BadAddress("%s %s is not one address of the form 'Name <address@example.com>' "
-                         "or 'address@example.com'" % (what, _shown(value)))
+            raise BadAddress(
+                "%s %s holds more than one address; one is expected" % (what, _shown(value))
+            )
+        raise BadAddress(
+            "%s %s is not one address of the form 'Name <address@example.com>' "
+            "or 'address@example.com'" % (what, _shown(value))
+        )
     return name, parse_recipient(address, what, allow_local)
 
 
 # 'address' or 'Name <address>' where neither holds an RFC 5322 special character
-_SIMPLE_MAILBOX = re.compile(r'\s*(?:([^"<>,;:()\\@\[\].\s][^"<>,;:()\\@\[\].]*?)\s*<'
-                             r'([^"<>,;:()\\\[\]\s]+)>|([^"<>,;:()\\\[\]\s]+))\s*\Z')
+_SIMPLE_MAILBOX = re.compile(
+    r'\s*(?:([^"<>,;:()\\@\[\].\s][^"<>,;:()\\@\[\].]*?)\s*<'
+    r'([^"<>,;:()\\\[\]\s]+)>|([^"<>,;:()\\\[\]\s]+))\s*\Z'
+)
 
 
 def parse_sender(value, allow_local=False):
@@ -154,9 +167,23 @@ def parse_sender(value, allow_local=False):
 
 # Headers the queue writes itself, or that would change the message's structure
 # or its routing; `Content-*` is refused as a prefix.
-RESERVED_HEADERS = frozenset((
-    "from", "to", "cc", "bcc", "subject", "date", "message-id", "reply-to", "sender",
-    "return-path", "mime-version", "dkim-signature", "received"))
+RESERVED_HEADERS = frozenset(
+    (
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "subject",
+        "date",
+        "message-id",
+        "reply-to",
+        "sender",
+        "return-path",
+        "mime-version",
+        "dkim-signature",
+        "received",
+    )
+)
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,76}\Z")
 
 
@@ -171,22 +198,31 @@ def check_extra_headers(headers):
     checked = []
     for name, value in headers.items():
         if not _HEADER_NAME.match(name):
-            raise BadHeader("headers: %s is not a header name (1 to 76 letters, digits "
-                            "and '-')" % _shown(name))
+            raise BadHeader(
+                "headers: %s is not a header name (1 to 76 letters, digits and '-')" % _shown(name)
+            )
         lower = name.lower()
         if lower in RESERVED_HEADERS or lower.startswith("content-"):
-            raise BadHeader("headers: %s is written by the queue itself (or would change "
-                            "the message's structure or routing) and cannot be given" % name)
+            raise BadHeader(
+                "headers: %s is written by the queue itself (or would change "
+                "the message's structure or routing) and cannot be given" % name
+            )
         if not isinstance(value, str):
-            raise BadHeader("headers: the value of %s must be a string, not %s"
-                            % (name, _json_type(value)))
+            raise BadHeader(
+                "headers: the value of %s must be a string, not %s" % (name, _json_type(value))
+            )
         checked.append((name, check_header_text(value, "headers: %s" % name)))
     return checked
 
 
 def _json_type(value):
-    for kind, word in ((bool, "true/false"), (dict, "an object"), (list, "an array"),
-                       (str, "a string"), ((int, float), "a number")):
+    for kind, word in (
+        (bool, "true/false"),
+        (dict, "an object"),
+        (list, "an array"),
+        (str, "a string"),
+        ((int, float), "a number"),
+    ):
         if isinstance(value, kind):
             return word
     return "null" if value is None else type(value).__name__
@@ -197,15 +233,19 @@ def check_header_text(value, what):
     if _FORBIDDEN_IN_HEADER.search(value):
         raise BadHeader("%s contains a line break or control character" % what)
     if _ENCODED_WORD.search(value):
-        raise BadHeader("%s contains an RFC 2047 encoded word (=?charset?...?=), "
-                        "which could inject headers" % what)
+        raise BadHeader(
+            "%s contains an RFC 2047 encoded word (=?charset?...?=), "
+            "which could inject headers" % what
+        )
     if len(value) > MAX_SUBJECT_CHARS:
-        raise BadHeader("%s is %d characters long; at most %d are allowed"
-                        % (what, len(value), MAX_SUBJECT_CHARS))
+        raise BadHeader(
+            "%s is %d characters long; at most %d are allowed"
+            % (what, len(value), MAX_SUBJECT_CHARS)
+        )
     return value
 
 
 def _shown(text, limit=80):
     """The value for an error message: printable, and short."""
     shown = repr(text)
-    return shown if len(shown) <= limit else shown[:limit - 4] + "...'"
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"

@@ -36,10 +36,10 @@ class BadMail(ValueError):
 @dataclass(frozen=True)
 class Mail:
     job_id: int
-    sender: str          # envelope sender
-    recipients: tuple    # envelope recipients (To, Cc and Bcc)
-    smtputf8: bool       # an address needs SMTPUTF8
-    data: bytes          # the whole message, CRLF line ends
+    sender: str  # envelope sender
+    recipients: tuple  # envelope recipients (To, Cc and Bcc)
+    smtputf8: bool  # an address needs SMTPUTF8
+    data: bytes  # the whole message, CRLF line ends
 
 
 class Composer:
@@ -60,6 +60,18 @@ class Composer:
     def build(self, job, attachments=()):
         """The mail for one job (a mapping of its `jobs` columns) and its
         `attachments` rows (mappings), or BadMail naming what is wrong."""
+        get = job.get
+        if (
+            not attachments
+            and get("html_message") is None
+            and get("sender") is None
+            and get("reply_to") is None
+            and get("cc") is None
+            and get("bcc") is None
+            and get("headers") is None
+            and self.signer is None
+        ):
+            return self._plain(job)  # none of the optional columns: the seed's kind of job
         job_id, created_at = job["job_id"], job["created_at"]
         allow_local = self.allow_local
         try:
@@ -69,7 +81,10 @@ class Composer:
             addresses.check_header_text(subject_text, "subject")
             if job.get("sender") is None:
                 envelope_sender, domain, from_line = (
-                    self.envelope_sender, self.domain, self.from_line)
+                    self.envelope_sender,
+                    self.domain,
+                    self.from_line,
+                )
                 smtputf8 = False
             else:
                 name, sender = addresses.parse_mailbox(job["sender"], "sender", allow_local)
@@ -95,27 +110,34 @@ class Composer:
         text, html = job["content_message"], job.get("html_message")
         lines = ["To: %s\r\n" % recipient.address]
         if cc:
-            lines.append("Cc: %s\r\n" % ",\r\n ".join(
-                format_mailbox(name, address.address) for name, address in cc))
+            lines.append(
+                "Cc: %s\r\n"
+                % ",\r\n ".join(format_mailbox(name, address.address) for name, address in cc)
+            )
         if reply_to is not None:
             lines.append("Reply-To: %s\r\n" % reply_to)
         # Stable per job: a repeated send of the same job carries the same Message-ID.
         message_id = "<%d.%d@%s>" % (job_id, int(created_at.timestamp() * 1e6), domain)
-        lines += ["Subject: %s\r\n" % encode_header_text(subject_text),
-                  "Date: %s\r\n" % _date_now(),
-                  "Message-ID: %s\r\n" % message_id]
+        lines += [
+            "Subject: %s\r\n" % encode_header_text(subject_text),
+            "Date: %s\r\n" % _date_now(),
+            "Message-ID: %s\r\n" % message_id,
+        ]
         lines += ["%s: %s\r\n" % (name, encode_header_text(value)) for name, value in extra]
         lines.append("MIME-Version: 1.0\r\n")
 
         if html is None and not attachments:
             # The fast path: plain text, the seed's kind of job.
             _check_body(text, "content_message", required=True)
-            lines.append('Content-Type: text/plain; charset="utf-8"\r\n'
-                         "Content-Transfer-Encoding: base64\r\n\r\n")
+            lines.append(
+                'Content-Type: text/plain; charset="utf-8"\r\n'
+                "Content-Transfer-Encoding: base64\r\n\r\n"
+            )
             body = _base64_lines(_canonical(text))
         else:
-            part = _body_part(job_id, text, html, [_attachment(row, i) for i, row in
-                                                   enumerate(attachments, 1)])
+            part = _body_part(
+                job_id, text, html, [_attachment(row, i) for i, row in enumerate(attachments, 1)]
+            )
             lines.append(part[0] + "\r\n")
             body = part[1]
 
@@ -127,10 +149,42 @@ class Composer:
                 raise BadMail(str(exc)) from None
         return Mail(job_id, envelope_sender, tuple(recipients), smtputf8, data)
 
+    def _plain(self, job):
+        """The seed's kind of job (a recipient, a subject, a text), on the
+        shortest path: what build() writes for it, without looking at the rest."""
+        job_id, body = job["job_id"], job["content_message"]
+        try:
+            recipient = addresses.parse_recipient(job["email"], "email", self.allow_local)
+            subject = job["subject"] or self.default_subject
+            addresses.check_header_text(subject, "subject")
+        except (addresses.BadAddress, addresses.BadHeader) as exc:
+            raise BadMail(str(exc)) from None
+        _check_body(body, "content_message", required=True)
+        head = "".join(
+            (
+                "To: %s\r\n" % recipient.address,
+                "Subject: %s\r\n" % encode_header_text(subject),
+                "Date: %s\r\n" % _date_now(),
+                "Message-ID: <%d.%d@%s>\r\n"
+                % (job_id, int(job["created_at"].timestamp() * 1e6), self.domain),
+                "MIME-Version: 1.0\r\n",
+                'Content-Type: text/plain; charset="utf-8"\r\n',
+                "Content-Transfer-Encoding: base64\r\n\r\n",
+            )
+        )
+        return Mail(
+            job_id,
+            self.envelope_sender,
+            (recipient.address,),
+            recipient.smtputf8,
+            self.from_line + head.encode("utf-8") + _base64_lines(_canonical(body)),
+        )
+
 
 # ---------------------------------------------------------------------------
 # Addresses in headers
 # ---------------------------------------------------------------------------
+
 
 def _mailboxes(values, what, allow_local):
     """A TEXT[] column of addresses -> [(display name, Address)]; NULL or {} is none."""
@@ -138,8 +192,10 @@ def _mailboxes(values, what, allow_local):
         return []
     if not isinstance(values, list):
         raise addresses.BadAddress("%s must be an array of addresses" % what)
-    return [addresses.parse_mailbox(value, "%s[%d]" % (what, i), allow_local)
-            for i, value in enumerate(values, 1)]
+    return [
+        addresses.parse_mailbox(value, "%s[%d]" % (what, i), allow_local)
+        for i, value in enumerate(values, 1)
+    ]
 
 
 _ATOM_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*\Z")
@@ -162,6 +218,7 @@ def format_mailbox(name, address):
 # The body: text, HTML, inline parts and attachments
 # ---------------------------------------------------------------------------
 
+
 def _check_body(value, column, required):
     """BadMail if `value` (a text column) cannot be a body; whether there is one."""
     if value is None:
@@ -183,8 +240,9 @@ def _body_part(job_id, text, html, files):
     if has_html:
         if not _check_body(text, "content_message", required=False):
             text = text_of_html(html)
-        body = _multipart(job_id, "alternative", [_text_part(text, "plain"),
-                                                  _text_part(html, "html")])
+        body = _multipart(
+            job_id, "alternative", [_text_part(text, "plain"), _text_part(html, "html")]
+        )
     else:
         _check_body(text, "content_message", required=True)
         body = _text_part(text, "plain")
@@ -194,8 +252,7 @@ def _body_part(job_id, text, html, files):
     inline = [part for part, cid in files if cid is not None]
     attached = [part for part, cid in files if cid is None]
     if has_html and inline:
-        body = _multipart(job_id, "related", [body] + inline,
-                          '; type="multipart/alternative"')
+        body = _multipart(job_id, "related", [body] + inline, '; type="multipart/alternative"')
     else:
         attached = [part for part, _ in files]  # without HTML nothing refers to a cid:
     if attached:
@@ -204,8 +261,10 @@ def _body_part(job_id, text, html, files):
 
 
 def _text_part(text, subtype):
-    return ('Content-Type: text/%s; charset="utf-8"\r\n'
-            "Content-Transfer-Encoding: base64\r\n" % subtype, _base64_lines(_canonical(text)))
+    return (
+        'Content-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: base64\r\n' % subtype,
+        _base64_lines(_canonical(text)),
+    )
 
 
 def _multipart(job_id, subtype, parts, parameters=""):
@@ -218,8 +277,10 @@ def _multipart(job_id, subtype, parts, parameters=""):
     for headers, body in parts:
         chunks += [delimiter, headers.encode("ascii"), b"\r\n", body]
     chunks.append(("--%s--\r\n" % boundary).encode("ascii"))
-    return ('Content-Type: multipart/%s%s;\r\n boundary="%s"\r\n' % (subtype, parameters, boundary),
-            b"".join(chunks))
+    return (
+        'Content-Type: multipart/%s%s;\r\n boundary="%s"\r\n' % (subtype, parameters, boundary),
+        b"".join(chunks),
+    )
 
 
 def _canonical(text):
@@ -231,10 +292,13 @@ def _canonical(text):
 
 # type/subtype, and parameters of tokens or quoted strings (RFC 2045 5.1)
 _TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+"
-_CONTENT_TYPE = re.compile(r"(%s)/(%s)((?:\s*;\s*%s=(?:%s|\"[^\"\\\x00-\x1f\x7f]*\"))*)\s*\Z"
-                           % (_TOKEN, _TOKEN, _TOKEN, _TOKEN))
+_CONTENT_TYPE = re.compile(
+    r"(%s)/(%s)((?:\s*;\s*%s=(?:%s|\"[^\"\\\x00-\x1f\x7f]*\"))*)\s*\Z"
+    % (_TOKEN, _TOKEN, _TOKEN, _TOKEN)
+)
 # What may stand between the < > of a Content-ID: atext, dots and one @ (RFC 2392).
-_CONTENT_ID = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(?:@[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)?\Z")
+_ID_PART = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+_CONTENT_ID = re.compile(r"%s(?:@%s)?\Z" % (_ID_PART, _ID_PART))
 MAX_FILENAME_CHARS = 255
 
 
@@ -246,33 +310,43 @@ def _attachment(row, number):
         raise BadMail("%s: filename is empty" % what)
     shown = addresses._shown(filename)
     if addresses._FORBIDDEN_IN_HEADER.search(filename):
-        raise BadMail("%s: filename %s contains a line break or control character"
-                      % (what, shown))
+        raise BadMail("%s: filename %s contains a line break or control character" % (what, shown))
     if "/" in filename or "\\" in filename or filename.strip() in (".", ".."):
         raise BadMail("%s: filename %s is a path; give the file's name only" % (what, shown))
     if len(filename) > MAX_FILENAME_CHARS:
-        raise BadMail("%s: filename is %d characters long; at most %d are allowed"
-                      % (what, len(filename), MAX_FILENAME_CHARS))
+        raise BadMail(
+            "%s: filename is %d characters long; at most %d are allowed"
+            % (what, len(filename), MAX_FILENAME_CHARS)
+        )
     content_type = row.get("content_type") or "application/octet-stream"
     matched = _CONTENT_TYPE.match(content_type)
     if not matched:
-        raise BadMail("%s: content_type %s is not of the form type/subtype"
-                      % (what, addresses._shown(content_type)))
+        raise BadMail(
+            "%s: content_type %s is not of the form type/subtype"
+            % (what, addresses._shown(content_type))
+        )
     if matched.group(1).lower() in ("multipart", "message"):
-        raise BadMail("%s: content_type %s is not allowed: the queue builds the message's "
-                      "structure itself (send it as application/octet-stream)"
-                      % (what, content_type))
+        raise BadMail(
+            "%s: content_type %s is not allowed: the queue builds the message's "
+            "structure itself (send it as application/octet-stream)" % (what, content_type)
+        )
     content_id = row.get("content_id")
     if content_id is not None:
         cid = content_id[1:-1] if content_id[:1] == "<" and content_id[-1:] == ">" else content_id
         if not _CONTENT_ID.match(cid):
-            raise BadMail("%s: content_id %s is not an id such as logo or logo@example.com"
-                          % (what, addresses._shown(content_id)))
+            raise BadMail(
+                "%s: content_id %s is not an id such as logo or logo@example.com"
+                % (what, addresses._shown(content_id))
+            )
         content_id = cid
     headers = "Content-Type: %s;\r\n %s\r\n" % (
-        "%s/%s%s" % matched.groups(), _parameter("name", filename))
+        "%s/%s%s" % matched.groups(),
+        _parameter("name", filename),
+    )
     headers += "Content-Disposition: %s;\r\n %s\r\n" % (
-        "attachment" if content_id is None else "inline", _parameter("filename", filename))
+        "attachment" if content_id is None else "inline",
+        _parameter("filename", filename),
+    )
     if content_id is not None:
         headers += "Content-ID: <%s>\r\n" % content_id
     headers += "Content-Transfer-Encoding: base64\r\n"
@@ -299,8 +373,10 @@ def _parameter(name, value):
     chunks.append(chunk)
     if len(chunks) == 1:
         return "%s*=utf-8''%s" % (name, chunks[0])
-    return ";\r\n ".join("%s*%d*=%s%s" % (name, i, "utf-8''" if i == 0 else "", chunk)
-                         for i, chunk in enumerate(chunks))
+    return ";\r\n ".join(
+        "%s*%d*=%s%s" % (name, i, "utf-8''" if i == 0 else "", chunk)
+        for i, chunk in enumerate(chunks)
+    )
 
 
 class _VisibleText(HTMLParser):
@@ -311,12 +387,46 @@ class _VisibleText(HTMLParser):
     collapsed as a browser does, except inside <pre>."""
 
     HIDDEN = frozenset(("head", "title", "script", "style", "template"))
-    LINES = frozenset((
-        "address", "article", "aside", "br", "dd", "div", "dt", "figcaption", "figure",
-        "footer", "form", "header", "li", "main", "nav", "section", "tr"))
-    PARAGRAPHS = frozenset((
-        "blockquote", "dl", "fieldset", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "ol", "p",
-        "pre", "table", "ul"))
+    LINES = frozenset(
+        (
+            "address",
+            "article",
+            "aside",
+            "br",
+            "dd",
+            "div",
+            "dt",
+            "figcaption",
+            "figure",
+            "footer",
+            "form",
+            "header",
+            "li",
+            "main",
+            "nav",
+            "section",
+            "tr",
+        )
+    )
+    PARAGRAPHS = frozenset(
+        (
+            "blockquote",
+            "dl",
+            "fieldset",
+            "h1",
+            "h2",
+            "h3",
+            "h4",
+            "h5",
+            "h6",
+            "hr",
+            "ol",
+            "p",
+            "pre",
+            "table",
+            "ul",
+        )
+    )
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -364,8 +474,10 @@ def text_of_html(html):
     parser = _VisibleText()
     parser.feed(html)
     parser.close()
-    text = _BREAKS.sub(lambda m: "\n\n" if _PARAGRAPH in m.group() else "\n",
-                       "".join(parser.chunks).replace("\r\n", "\n"))
+    text = _BREAKS.sub(
+        lambda m: "\n\n" if _PARAGRAPH in m.group() else "\n",
+        "".join(parser.chunks).replace("\r\n", "\n"),
+    )
     text = "\n".join(line.rstrip() for line in text.strip("\n ").split("\n"))
     return text + "\n" if text else ""
 
@@ -374,10 +486,13 @@ def text_of_html(html):
 # Encodings
 # ---------------------------------------------------------------------------
 
+
 def _base64_lines(data):
     """`data` in base64, in lines of 76 characters ending in CRLF (RFC 2045 6.8)."""
-    encoded = memoryview(binascii.b2a_base64(data, newline=False))  # slices without copies
-    return b"\r\n".join([encoded[i:i + 76] for i in range(0, len(encoded), 76)]) + b"\r\n"
+    encoded = binascii.b2a_base64(data, newline=False)
+    if len(encoded) > 8192:
+        encoded = memoryview(encoded)  # slices without copies: quicker for files
+    return b"\r\n".join([encoded[i : i + 76] for i in range(0, len(encoded), 76)]) + b"\r\n"
 
 
 def encode_header_text(text):

@@ -10,7 +10,8 @@ The signature is relaxed/relaxed (it survives relays that refold headers or
 change trailing spaces) and covers the headers RFC 6376 5.4.1 recommends that the
 message has (From twice, so that no second From can be added), and the
 List-Unsubscribe-Post of one-click unsubscribe (RFC 8058 3 requires it). dkimpy
-signs in pure Python: about 8 ms a mail with a 2048-bit key (./scripts/bench).
+signs in pure Python, holding the GIL: about 10 ms a mail with a 2048-bit key
+(bench/build_cost.py).
 """
 
 import re
@@ -20,8 +21,10 @@ import dkim
 import dkim.crypto
 
 _KEYS = ("domain", "selector", "private_key_file")
-_LABELS = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+_LABELS = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
 
 
 class BadKey(ValueError):
@@ -33,11 +36,14 @@ class DkimKey:
     domain: str
     selector: str
     private_key_file: str
-    private_key: bytes   # the PEM, read once at start-up
+    private_key: bytes  # the PEM, read once at start-up
 
     def __repr__(self):  # never show the key, even in a traceback
         return "DkimKey(domain=%r, selector=%r, private_key_file=%r)" % (
-            self.domain, self.selector, self.private_key_file)
+            self.domain,
+            self.selector,
+            self.private_key_file,
+        )
 
 
 def load_key(settings):
@@ -52,22 +58,26 @@ def load_key(settings):
             raise BadKey("smtp.dkim.%s must be a non-empty string" % key)
     for key in ("domain", "selector"):
         if not _LABELS.match(settings[key]):
-            raise BadKey("smtp.dkim.%s %r is not a DNS name (ASCII letters, digits, '-' "
-                         "and dots)" % (key, settings[key]))
+            raise BadKey(
+                "smtp.dkim.%s %r is not a DNS name (ASCII letters, digits, '-' "
+                "and dots)" % (key, settings[key])
+            )
     path = settings["private_key_file"]
     try:
         with open(path, "rb") as f:
             pem = f.read()
     except OSError as exc:
-        raise BadKey("smtp.dkim.private_key_file %r cannot be read: %s"
-                     % (path, exc.strerror or exc)) from None
+        raise BadKey(
+            "smtp.dkim.private_key_file %r cannot be read: %s" % (path, exc.strerror or exc)
+        ) from None
     pem = pem.replace(b"\r\n", b"\n")  # dkimpy's PEM reader wants LF line ends
     try:
         dkim.crypto.parse_pem_private_key(pem)
     except Exception as exc:  # dkimpy's ASN.1 reader raises several kinds
-        raise BadKey("smtp.dkim.private_key_file %r is not an unencrypted RSA private key "
-                     "in PEM (%s)" % (path, " ".join(str(exc).split()) or type(exc).__name__)
-                     ) from None
+        raise BadKey(
+            "smtp.dkim.private_key_file %r is not an unencrypted RSA private key "
+            "in PEM (%s)" % (path, " ".join(str(exc).split()) or type(exc).__name__)
+        ) from None
     return DkimKey(settings["domain"], settings["selector"], path, pem)
 
 
@@ -89,7 +99,11 @@ class Signer:
         signature = dkim.DKIM(data, linesep=b"\r\n")
         signature.should_sign.add(b"list-unsubscribe-post")
         try:
-            return signature.sign(self.selector, self.domain, self.key.private_key,
-                                  canonicalize=(b"relaxed", b"relaxed"))
+            return signature.sign(
+                self.selector,
+                self.domain,
+                self.key.private_key,
+                canonicalize=(b"relaxed", b"relaxed"),
+            )
         except dkim.DKIMException as exc:
             raise SigningError("DKIM signing failed: %s" % exc) from None

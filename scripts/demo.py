@@ -30,7 +30,8 @@ SUBJECTS = [
     "Nhắc lịch hẹn ngày mai", "Password reset requested", None,
 ]
 BODIES = [
-    "Xin chào {name},\n\nCảm ơn bạn đã đặt hàng. Đơn hàng số {n} đang được chuẩn bị.\n\nTrân trọng,\nCửa hàng",
+    "Xin chào {name},\n\nCảm ơn bạn đã đặt hàng. Đơn hàng số {n} đang được chuẩn bị.\n\n"
+    "Trân trọng,\nCửa hàng",
     "Hello {name},\n\nYour parcel {n} left our warehouse today.\n\nRegards,\nThe shop",
     "Chào {name},\n\nBạn có lịch hẹn lúc 9 giờ sáng mai. Vui lòng đến sớm 10 phút.\n",
 ]
@@ -88,7 +89,8 @@ def logo_png(size=48):
     def chunk(kind, data):
         return (struct.pack(">I", len(data)) + kind + data
                 + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
 
 
