@@ -191,6 +191,14 @@ class Build:
             subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
         return cls(root, "old %s" % sha, "bench_template_%s" % sha)
 
+    @property
+    def threaded(self):
+        """Whether its consumer keeps many mails in flight per process (the
+        rebuild); before it, each mail in flight was a process with two
+        database connections, and 128 of them would not fit."""
+        with open(os.path.join(self.root, "consumer.py"), encoding="utf-8") as f:
+            return "--processes" in f.read()
+
     def script(self, name, *args):
         return [sys.executable, os.path.join(self.root, name), "--log-level", "WARNING"] \
             + list(args)
@@ -924,12 +932,13 @@ def main():
             for n in relay_n:
                 count = size["relay"].get(n, max(1000, 150 * n))
                 measures = [lambda: relay(lab, new, proxy_port, proxy, n, count)]
-                if old and n <= 32:  # the old one: 2 connections and a process per mail
+                compared = old and (n <= 32 or old.threaded)  # see Build.threaded
+                if compared:
                     measures.append(lambda: relay(lab, old, proxy_port, proxy, n, count))
                 results = in_turns(1, *measures)
                 run, proxy_cpu = results[0][0]
                 other = "(%s proxy: %.0f µs CPU/mail)" % (which, proxy_cpu)
-                if old and n <= 32:
+                if compared:
                     orun, _ = results[1][0]
                     other = "old %.0f/s, %d conns, %.0f MB %s" % (orun.rate, orun.connections,
                                                                   orun.pss, other)
@@ -937,9 +946,9 @@ def main():
                     "%.0f/s, %d conns, %.0f MB" % (run.rate, run.connections, run.pss),
                     ">=1500/s <=16 <=300MB" if n == 128 else "", other)
                 row("   CPU per mail: consumer + PostgreSQL", cpu(run), "",
-                    "old %s" % cpu(orun) if old and n <= 32 else "")
+                    "old %s" % cpu(orun) if compared else "")
                 row("   PostgreSQL's work per mail", run.work_text(), "",
-                    "old " + orun.work_text() if old and n <= 32 else "")
+                    "old " + orun.work_text() if compared else "")
 
         if "rate" in only:
             arrivals, _, result = serve_until_done(
