@@ -733,7 +733,7 @@ def profile(lab, build, count, folder):
     if not os.path.exists(spy):
         return None
     # The old consumer has no --processes: its default workers, all sampled.
-    flags, spy_flags = (["--processes", "1"], []) if build.label == "new" else ([], ["-s"])
+    flags, spy_flags = (["--processes", "1"], []) if build.threaded else ([], ["-s"])
     plain = burn_down(lab, build, count, build.consumer(*flags))
     raw = os.path.join(folder, "profile-%s.txt" % build.label.replace(" ", "-"))
     # --gil: only the samples of the thread that holds the GIL, i.e. Python's CPU
@@ -759,7 +759,7 @@ def cpu_profile(lab, build, count, folder):
     """Where one consumer process's CPU goes, by bench/cpu_profile.py (cProfile in
     every thread, CPU time); (Run, [(share of CPU, own µs per mail, function)])."""
     out = os.path.join(folder, "cpu-%s.pstats" % build.label.replace(" ", "-"))
-    flags = ["--processes", "1"] if build.label == "new" else ["--concurrency", "1"]
+    flags = ["--processes", "1"] if build.threaded else ["--concurrency", "1"]
     run = burn_down(lab, build, count, lambda config: [
         sys.executable, os.path.join(ROOT, "bench", "cpu_profile.py"), out]
         + build.consumer(*flags)(config)[1:])
@@ -979,7 +979,7 @@ def main():
                     row("9. profile", "skipped: no py-spy (.venv/bin/pip install py-spy)")
                     break
                 plain, spied, table, raw = found
-                row("9. profile, %s, %s" % ("--processes 1" if build is new else "defaults",
+                row("9. profile, %s, %s" % ("--processes 1" if build.threaded else "defaults",
                                              build.label),
                     "%.0f mails/s, %s" % (plain.rate, cpu(plain)), "",
                     "%.0f mails/s under py-spy; %s" % (spied.rate, os.path.relpath(raw, ROOT)))
@@ -991,7 +991,7 @@ def main():
                 run, table = cpu_profile(lab, build, size["burn"] // 2, folder)
                 row("10. CPU by function (cProfile), %s" % build.label,
                     "%.0f mails/s profiled" % run.rate, "",
-                    "--processes 1" if build is new else "--concurrency 1 (one worker)")
+                    "--processes 1" if build.threaded else "--concurrency 1 (one worker)")
                 for share, micros, frame in table[:30]:
                     row("   %5.1f%% %6.1f µs/mail" % (share * 100, micros), frame[:110])
         row("CPU time stolen by the host, whole run", "%.1f%%" % (stolen_in_run.share() * 100))
