@@ -124,6 +124,11 @@ def parse_mailbox(value, what, allow_local=False):
         check_header_text(value, what)
     except BadHeader as exc:
         raise BadAddress(str(exc)) from None
+    simple = _SIMPLE_MAILBOX.match(value)
+    if simple:  # no quotes, comments or lists: what parseaddr would read, cheaper
+        name, bracketed, bare = simple.groups()
+        return (" ".join((name or "").split()),
+                parse_recipient(bracketed or bare, what, allow_local))
     name, address = parseaddr(value)
     # parseaddr is lenient (CVE-2023-27043): accept only what it reads back exactly.
     forms = ("%s <%s>" % (name, address), '"%s" <%s>' % (name, address)) if name else (
@@ -135,6 +140,11 @@ def parse_mailbox(value, what, allow_local=False):
         raise BadAddress("%s %s is not one address of the form 'Name <address@example.com>' "
                          "or 'address@example.com'" % (what, _shown(value)))
     return name, parse_recipient(address, what, allow_local)
+
+
+# 'address' or 'Name <address>' where neither holds an RFC 5322 special character
+_SIMPLE_MAILBOX = re.compile(r'\s*(?:([^"<>,;:()\\@\[\].\s][^"<>,;:()\\@\[\].]*?)\s*<'
+                             r'([^"<>,;:()\\\[\]\s]+)>|([^"<>,;:()\\\[\]\s]+))\s*\Z')
 
 
 def parse_sender(value, allow_local=False):

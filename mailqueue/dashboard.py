@@ -206,8 +206,9 @@ def panel(figures, show_recipients=False):
         '<div class="value">%d</div></div>' % (s, s, s, n)
         for s, n in figures["statuses"].items())
     lag = figures["lag_seconds"]
-    summary = "".join('<div class="tile" id="%s"><div class="label">%s</div>'
-                      '<div class="value">%s</div></div>' % (i, _e(label), _e(value)) for i, label, value in (
+    summary = "".join(
+        '<div class="tile" id="%s"><div class="label">%s</div><div class="value">%s</div></div>'
+        % (i, _e(label), _e(value)) for i, label, value in (
         ("backlog", "backlog (due, not yet sent)", figures["backlog"]),
         ("oldest-waiting", "oldest waiting", _seconds(figures["oldest_waiting_seconds"])
          if figures["oldest_waiting_seconds"] is not None else "none"),

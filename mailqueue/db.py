@@ -8,7 +8,12 @@ import psycopg2
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sql")
+# sql/ is beside the package in a checkout, and inside it once `pip install .`
+# has put it there (pyproject.toml).
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+SQL_DIR = os.path.join(_PACKAGE, "sql")
+if not os.path.isdir(SQL_DIR):
+    SQL_DIR = os.path.join(os.path.dirname(_PACKAGE), "sql")
 
 # What a lost or unreachable server raises; the caller reconnects.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)

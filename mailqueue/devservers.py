@@ -47,9 +47,11 @@ def _unprivileged_prefix(folder):
     if os.geteuid() != 0:
         return []
     userns = ["unshare", "--user", "--map-user=65534", "--map-group=65534", "--"]
-    if shutil.which("unshare") and subprocess.run(
-            userns + ["true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
-        return userns
+    if shutil.which("unshare"):
+        tried = subprocess.run(userns + ["true"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        if tried.returncode == 0:
+            return userns
     # No user namespaces (e.g. inside Docker): run as nobody, who must own the folder
     # and be able to read the binaries.
     shutil.chown(folder, "nobody", "nogroup")
@@ -130,6 +132,110 @@ class ThrowawayPostgres:
         self.stop()
 
 
+class ThrowawayPgbouncer:
+    """Debian's pgbouncer in front of a PostgreSQL, in a temporary folder: its
+    stock settings but for pool_mode (transaction by default, as most users run
+    it), trust authentication from 127.0.0.1 and the folder's own files. It
+    refuses to run as root, so it runs as PostgreSQL does here (unshare, or
+    nobody). `settings` adds or overrides lines of its [pgbouncer] section."""
+
+    def __init__(self, target_host, target_port, user, password="", pool_mode="transaction",
+                 settings=None):
+        self.target = (target_host, target_port)
+        self.user, self.password = user, password
+        self.settings = dict({"pool_mode": pool_mode}, **(settings or {}))
+        self.folder = self.port = self.process = None
+
+    @staticmethod
+    def binary():
+        """The pgbouncer program, or None if it is not installed."""
+        return shutil.which("pgbouncer") or next(
+            (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)),
+            None)
+
+    def start(self, timeout=30.0):
+        program = self.binary()
+        if program is None:
+            raise RuntimeError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
+        self.folder = tempfile.mkdtemp(prefix="mailqueue-pgbouncer-")
+        os.chmod(self.folder, 0o755)
+        self.port = free_port()
+        with open(os.path.join(self.folder, "userlist.txt"), "w") as f:
+            f.write("%s %s\n" % tuple('"%s"' % text.replace('"', '""')
+                                       for text in (self.user, self.password)))
+        settings = dict({
+            "listen_addr": "127.0.0.1", "listen_port": str(self.port),
+            "unix_socket_dir": "",  # TCP only: no socket file in /tmp
+            "auth_type": "trust", "auth_file": os.path.join(self.folder, "userlist.txt"),
+            "admin_users": self.user,  # SHOW POOLS and the like, for tests
+            "logfile": os.path.join(self.folder, "pgbouncer.log"),
+            "pidfile": os.path.join(self.folder, "pgbouncer.pid"),
+        }, **self.settings)
+        ini = os.path.join(self.folder, "pgbouncer.ini")
+        with open(ini, "w") as f:
+            f.write("[databases]\n* = host=%s port=%d\n\n[pgbouncer]\n" % self.target)
+            f.writelines("%s = %s\n" % item for item in settings.items())
+        prefix = _unprivileged_prefix(self.folder)
+        self.process = subprocess.Popen(prefix + [program, ini], cwd=self.folder,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(self.stop)
+        deadline = time.monotonic() + timeout
+        while True:  # ready once it accepts a connection on its console
+            if self.process.poll() is not None:
+                raise RuntimeError("pgbouncer exited at start:\n%s" % self.log())
+            try:
+                self.admin("SHOW VERSION")
+                return self
+            except psycopg2.OperationalError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("pgbouncer did not start:\n%s" % self.log()) from None
+                time.sleep(0.05)
+
+    def admin(self, command):
+        """A command on its console (the `pgbouncer` database); the rows as dicts."""
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user,
+                                password=self.password, dbname="pgbouncer", connect_timeout=5)
+        try:
+            conn.autocommit = True  # the console knows no transactions
+            with conn.cursor() as cur:
+                cur.execute(command)
+                names = [column.name for column in cur.description or ()]
+                return [dict(zip(names, row)) for row in cur.fetchall()] if names else []
+        finally:
+            conn.close()
+
+    def settings_for(self, database):
+        """The configuration's `database` section, through pgbouncer."""
+        return {"database": database, "user": self.user, "password": self.password,
+                "host": "127.0.0.1", "port": self.port}
+
+    def log(self):
+        try:
+            with open(os.path.join(self.folder, "pgbouncer.log"), errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
 def run_sql(dsn, sql, params=None):
     """Run `sql` on a connection of its own, in autocommit; the rows, if any."""
     conn = psycopg2.connect(dsn)
@@ -144,7 +250,8 @@ def run_sql(dsn, sql, params=None):
 
 def apply_schema(dsn, path=None):
     """Run sql/schema.sql as one script, as pgAdmin's Query Tool or psql would."""
-    path = path or os.path.join(os.path.dirname(os.path.dirname(__file__)), "sql", "schema.sql")
+    from mailqueue.db import SQL_DIR  # beside the package, or inside it once installed
+    path = path or os.path.join(SQL_DIR, "schema.sql")
     with open(path, encoding="utf-8") as f:
         run_sql(dsn, f.read())
 

@@ -306,13 +306,14 @@ def _parameter(name, value):
 class _VisibleText(HTMLParser):
     """Collects what a reader sees of an HTML page: its text, with a line break
     where a line-like block ends and a blank line between paragraph-like ones,
-    and nothing of <head>, <script>, <style> or <template>. Whitespace is
+    a table's cells on one line, and nothing of <head>, <script>, <style> or
+    <template>. Whitespace is
     collapsed as a browser does, except inside <pre>."""
 
     HIDDEN = frozenset(("head", "title", "script", "style", "template"))
     LINES = frozenset((
         "address", "article", "aside", "br", "dd", "div", "dt", "figcaption", "figure",
-        "footer", "form", "header", "li", "main", "nav", "section", "td", "th", "tr"))
+        "footer", "form", "header", "li", "main", "nav", "section", "tr"))
     PARAGRAPHS = frozenset((
         "blockquote", "dl", "fieldset", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "ol", "p",
         "pre", "table", "ul"))
@@ -345,6 +346,8 @@ class _VisibleText(HTMLParser):
         else:
             self.pre = max(0, self.pre - (tag == "pre"))
             self._break(tag)
+            if tag in ("td", "th"):
+                self.chunks.append("\t")  # cells of a row on one line
 
     def handle_data(self, data):
         if not self.hidden:
@@ -373,7 +376,7 @@ def text_of_html(html):
 
 def _base64_lines(data):
     """`data` in base64, in lines of 76 characters ending in CRLF (RFC 2045 6.8)."""
-    encoded = binascii.b2a_base64(data, newline=False)
+    encoded = memoryview(binascii.b2a_base64(data, newline=False))  # slices without copies
     return b"\r\n".join([encoded[i:i + 76] for i in range(0, len(encoded), 76)]) + b"\r\n"
 
 

