@@ -191,6 +191,14 @@ class Build:
             subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
         return cls(root, "old %s" % sha, "bench_template_%s" % sha)
 
+    @property
+    def threaded(self):
+        """Whether its consumer keeps many mails in flight per process (the
+        rebuild); before it, each mail in flight was a process with two
+        database connections, and 128 of them would not fit."""
+        with open(os.path.join(self.root, "consumer.py"), encoding="utf-8") as f:
+            return "--processes" in f.read()
+
     def script(self, name, *args):
         return [sys.executable, os.path.join(self.root, name), "--log-level", "WARNING"] \
             + list(args)
@@ -725,7 +733,7 @@ def profile(lab, build, count, folder):
     if not os.path.exists(spy):
         return None
     # The old consumer has no --processes: its default workers, all sampled.
-    flags, spy_flags = (["--processes", "1"], []) if build.label == "new" else ([], ["-s"])
+    flags, spy_flags = (["--processes", "1"], []) if build.threaded else ([], ["-s"])
     plain = burn_down(lab, build, count, build.consumer(*flags))
     raw = os.path.join(folder, "profile-%s.txt" % build.label.replace(" ", "-"))
     # --gil: only the samples of the thread that holds the GIL, i.e. Python's CPU
@@ -751,7 +759,7 @@ def cpu_profile(lab, build, count, folder):
     """Where one consumer process's CPU goes, by bench/cpu_profile.py (cProfile in
     every thread, CPU time); (Run, [(share of CPU, own µs per mail, function)])."""
     out = os.path.join(folder, "cpu-%s.pstats" % build.label.replace(" ", "-"))
-    flags = ["--processes", "1"] if build.label == "new" else ["--concurrency", "1"]
+    flags = ["--processes", "1"] if build.threaded else ["--concurrency", "1"]
     run = burn_down(lab, build, count, lambda config: [
         sys.executable, os.path.join(ROOT, "bench", "cpu_profile.py"), out]
         + build.consumer(*flags)(config)[1:])
@@ -924,12 +932,13 @@ def main():
             for n in relay_n:
                 count = size["relay"].get(n, max(1000, 150 * n))
                 measures = [lambda: relay(lab, new, proxy_port, proxy, n, count)]
-                if old and n <= 32:  # the old one: 2 connections and a process per mail
+                compared = old and (n <= 32 or old.threaded)  # see Build.threaded
+                if compared:
                     measures.append(lambda: relay(lab, old, proxy_port, proxy, n, count))
                 results = in_turns(1, *measures)
                 run, proxy_cpu = results[0][0]
                 other = "(%s proxy: %.0f µs CPU/mail)" % (which, proxy_cpu)
-                if old and n <= 32:
+                if compared:
                     orun, _ = results[1][0]
                     other = "old %.0f/s, %d conns, %.0f MB %s" % (orun.rate, orun.connections,
                                                                   orun.pss, other)
@@ -937,9 +946,9 @@ def main():
                     "%.0f/s, %d conns, %.0f MB" % (run.rate, run.connections, run.pss),
                     ">=1500/s <=16 <=300MB" if n == 128 else "", other)
                 row("   CPU per mail: consumer + PostgreSQL", cpu(run), "",
-                    "old %s" % cpu(orun) if old and n <= 32 else "")
+                    "old %s" % cpu(orun) if compared else "")
                 row("   PostgreSQL's work per mail", run.work_text(), "",
-                    "old " + orun.work_text() if old and n <= 32 else "")
+                    "old " + orun.work_text() if compared else "")
 
         if "rate" in only:
             arrivals, _, result = serve_until_done(
@@ -970,7 +979,7 @@ def main():
                     row("9. profile", "skipped: no py-spy (.venv/bin/pip install py-spy)")
                     break
                 plain, spied, table, raw = found
-                row("9. profile, %s, %s" % ("--processes 1" if build is new else "defaults",
+                row("9. profile, %s, %s" % ("--processes 1" if build.threaded else "defaults",
                                              build.label),
                     "%.0f mails/s, %s" % (plain.rate, cpu(plain)), "",
                     "%.0f mails/s under py-spy; %s" % (spied.rate, os.path.relpath(raw, ROOT)))
@@ -982,7 +991,7 @@ def main():
                 run, table = cpu_profile(lab, build, size["burn"] // 2, folder)
                 row("10. CPU by function (cProfile), %s" % build.label,
                     "%.0f mails/s profiled" % run.rate, "",
-                    "--processes 1" if build is new else "--concurrency 1 (one worker)")
+                    "--processes 1" if build.threaded else "--concurrency 1 (one worker)")
                 for share, micros, frame in table[:30]:
                     row("   %5.1f%% %6.1f µs/mail" % (share * 100, micros), frame[:110])
         row("CPU time stolen by the host, whole run", "%.1f%%" % (stolen_in_run.share() * 100))
