@@ -49,6 +49,7 @@ sys.path.insert(0, ROOT)
 
 from mailqueue.devservers import (  # noqa: E402
     ThrowawayPostgres, apply_schema, free_port, run_sql)
+from build_cost import build_costs  # noqa: E402
 from timing_sink import TimingSink  # noqa: E402
 
 BODY = ("Kính gửi quý khách, đơn hàng của bạn đã được xác nhận và sẽ được giao trong "
@@ -775,7 +776,7 @@ def cpu_profile(lab, build, count, folder):
 # --------------------------------------------------------------------------- report
 
 SCENARIOS = ("ceiling", "local", "latency", "history", "memory", "insert", "relay", "rate",
-             "quota")
+             "quota", "build")
 EXTRA = ("profile",)  # only when named in --only
 
 
@@ -972,6 +973,10 @@ def main():
                     "0 dead, >= 22/s" if build is new else "",
                     "%d throttled replies, %d completed, busiest %d"
                     % (throttled, result.get("completed", 0), busiest))
+        if "build" in only:  # issue 11: what each kind of mail costs to build
+            for kind, micros, size_bytes in build_costs(args.quick):
+                row("11. building a mail: %s" % kind, "%.0f µs" % micros, "",
+                    "%d bytes" % size_bytes)
         if "profile" in only:
             for build in [new] + ([old] if old else []):
                 found = profile(lab, build, size["burn"], folder)
