@@ -57,14 +57,14 @@ from mailqueue.recorder import Outcome, Recorder
 
 log = logging.getLogger("consumer")
 
-POLL_INTERVAL = 2.0      # seconds: the longest a consumer waits without looking at the queue
-DRAIN_RECHECK = 0.05     # seconds: --drain looks this often at rows others hold
-ROOM_RECHECK = 0.1       # seconds: a full `ready` is looked at again this often
-GATE_RECHECK = 0.05      # seconds: a thread at the gate looks again this often at the latest
-PROGRESS_EVERY = 10.0    # seconds between two progress lines in the log
-SHUTDOWN_GRACE = 10.0    # seconds to record the last outcomes when stopping
-SMTP_RETRY_MIN = 0.5     # seconds: first wait when the SMTP server cannot be reached
-SMTP_RETRY_MAX = 30.0    # seconds: the wait doubles up to this
+POLL_INTERVAL = 2.0  # seconds: the longest a consumer waits without looking at the queue
+DRAIN_RECHECK = 0.05  # seconds: --drain looks this often at rows others hold
+ROOM_RECHECK = 0.1  # seconds: a full `ready` is looked at again this often
+GATE_RECHECK = 0.05  # seconds: a thread at the gate looks again this often at the latest
+PROGRESS_EVERY = 10.0  # seconds between two progress lines in the log
+SHUTDOWN_GRACE = 10.0  # seconds to record the last outcomes when stopping
+SMTP_RETRY_MIN = 0.5  # seconds: first wait when the SMTP server cannot be reached
+SMTP_RETRY_MAX = 30.0  # seconds: the wait doubles up to this
 QUEUE_CHANNEL = "mailqueue_queue"  # rung when rows enter the queue
 
 
@@ -79,7 +79,7 @@ class Consumer:
         self.recorder = Recorder(config.database, self.claims, self.app_name("record"), stop)
         self.governor = pacing.Governor()
         self.composer = message.Composer(config.smtp)
-        self.ready = collections.deque()   # claimed jobs no thread has taken yet
+        self.ready = collections.deque()  # claimed jobs no thread has taken yet
         self.work = threading.Condition()  # guards `ready`
         self.stopping = False
         self.claim_conn = None
@@ -92,13 +92,16 @@ class Consumer:
     def run(self, drain_only=False):
         """Serve until stopped; with drain_only, until the queue table is empty."""
         self.recorder.start()
-        senders = [threading.Thread(target=self.send_loop, name="sender-%d" % i, daemon=True)
-                   for i in range(self.threads)]
+        senders = [
+            threading.Thread(target=self.send_loop, name="sender-%d" % i, daemon=True)
+            for i in range(self.threads)
+        ]
         for thread in senders:
             thread.start()
         try:
-            doorbell.run_until_stopped(lambda working: self.serve(working, drain_only),
-                                       self.stop, "consumer")
+            doorbell.run_until_stopped(
+                lambda working: self.serve(working, drain_only), self.stop, "consumer"
+            )
         finally:
             self.shut_down(senders)
 
@@ -163,17 +166,29 @@ class Consumer:
         """Claim up to `limit` jobs (step 2); (jobs, seconds to wait for a token)."""
         consumer_id = self.claims.consumer_id
         if self.claim_unknown:
-            db.run(self.claim_conn, "free_unknown_claims", consumer=consumer_id,
-                   held=self.claims.held_ids())
+            db.run(
+                self.claim_conn,
+                "free_unknown_claims",
+                consumer=consumer_id,
+                held=self.claims.held_ids(),
+            )
             self.claim_unknown = False
         rate = self.config.queue.rate_limit
         try:
             if rate is None:
-                rows, wait = db.run_dicts(self.claim_conn, "claim_batch", consumer=consumer_id,
-                                          limit=limit), 0.0
+                rows, wait = (
+                    db.run_dicts(self.claim_conn, "claim_batch", consumer=consumer_id, limit=limit),
+                    0.0,
+                )
             else:
-                rows = db.run_dicts(self.claim_conn, "claim_paced_batch", consumer=consumer_id,
-                                    limit=limit, rate=rate, burst=pacing.burst_for(rate))
+                rows = db.run_dicts(
+                    self.claim_conn,
+                    "claim_paced_batch",
+                    consumer=consumer_id,
+                    limit=limit,
+                    rate=rate,
+                    burst=pacing.burst_for(rate),
+                )
                 left = rows[0]["tokens_left"] if rows else 1.0
                 rows = [row for row in rows if row["queue_id"] is not None]
                 wait = (1 - left) / rate if len(rows) < limit and left < 1 else 0.0
@@ -202,8 +217,12 @@ class Consumer:
         if self.claims.consumer_id is not None:
             return
         sent_at = time.monotonic()
-        consumer_id = db.run(self.claim_conn, "register_consumer", label=self.name,
-                             lease=self.config.queue.claim_lease)[0][0]
+        consumer_id = db.run(
+            self.claim_conn,
+            "register_consumer",
+            label=self.name,
+            lease=self.config.queue.claim_lease,
+        )[0][0]
         self.claims.registered(consumer_id, sent_at)
         if self.on_registered:
             self.on_registered(consumer_id)
@@ -211,8 +230,10 @@ class Consumer:
     def free_expired_claims(self):
         """At every poll: free the claims of consumers whose lease ran out."""
         if db.run(self.claim_conn, "free_expired_claims"):
-            log.warning("freed the claims of a consumer that stopped without a word "
-                        "(no heartbeat for longer than its lease)")
+            log.warning(
+                "freed the claims of a consumer that stopped without a word "
+                "(no heartbeat for longer than its lease)"
+            )
             db.run(self.claim_conn, "ring_consumers")
 
     def drained(self):
@@ -227,7 +248,7 @@ class Consumer:
     def send_loop(self):
         """One thread: one SMTP connection, one mail in flight (step 3)."""
         sender = smtp.Sender(self.config.smtp)
-        previous = None    # the ticket of our last mail whose content went out
+        previous = None  # the ticket of our last mail whose content went out
         job = mail = None  # a job whose envelope is written, its replies not yet read
         while True:
             try:
@@ -240,9 +261,13 @@ class Consumer:
                 log.exception("unexpected error")
                 sender.abort()
                 if job is not None:
-                    self.record_failure(job, smtp.SendError(
-                        "unexpected error: %s: %s" % (type(exc).__name__, exc),
-                        summary=type(exc).__name__))
+                    self.record_failure(
+                        job,
+                        smtp.SendError(
+                            "unexpected error: %s: %s" % (type(exc).__name__, exc),
+                            summary=type(exc).__name__,
+                        ),
+                    )
                 job = mail = None
 
     def send_one(self, sender, job, mail, previous):
@@ -352,8 +377,13 @@ class Consumer:
             return None
         expires_at = job.get("expires_at")
         if expires_at is not None and expires_at <= datetime.datetime.now(datetime.timezone.utc):
-            self.record_dead(job, "expired at %s before it could be sent (expires_at): not sent"
-                             % expires_at.isoformat(), attempted=0, summary="expired")
+            self.record_dead(
+                job,
+                "expired at %s before it could be sent (expires_at): not sent"
+                % expires_at.isoformat(),
+                attempted=0,
+                summary="expired",
+            )
             return None
         try:
             mail = self.composer.build(job, job.get("attachments", ()))
@@ -370,9 +400,13 @@ class Consumer:
             return None
         except Exception as exc:  # a poison job must not take the thread down
             log.exception("job %s: unexpected error", job["job_id"])
-            self.record_failure(job, smtp.SendError(
-                "unexpected error: %s: %s" % (type(exc).__name__, exc),
-                summary=type(exc).__name__))
+            self.record_failure(
+                job,
+                smtp.SendError(
+                    "unexpected error: %s: %s" % (type(exc).__name__, exc),
+                    summary=type(exc).__name__,
+                ),
+            )
             return None
         return mail
 
@@ -382,8 +416,12 @@ class Consumer:
         the server is holding the mail open); False when the content must not go."""
         deadline = time.monotonic() + self.config.smtp.timeout
         # First our own previous outcome: its commit wakes this thread alone.
-        while previous is not None and not previous.done and not self.stopping \
-                and time.monotonic() <= deadline:
+        while (
+            previous is not None
+            and not previous.done
+            and not self.stopping
+            and time.monotonic() <= deadline
+        ):
             previous.durable.wait(GATE_RECHECK)
         with self.claims.changed:
             while True:
@@ -413,10 +451,14 @@ class Consumer:
     def record_sent(self, job, refused, started):
         self.governor.sent()
         self.progress.count("sent")
-        note = ("sent, but the server refused some recipients: %s" % "; ".join(refused)
-                if refused else None)
-        return self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "sent", 1, note,
-                                            smtp_code=250, started=started))
+        note = (
+            "sent, but the server refused some recipients: %s" % "; ".join(refused)
+            if refused
+            else None
+        )
+        return self.recorder.submit(
+            Outcome(job["queue_id"], job["job_id"], "sent", 1, note, smtp_code=250, started=started)
+        )
 
     def record_failure(self, job, exc):
         """A send failed: released if throttled (no attempt spent), else failed
@@ -427,20 +469,43 @@ class Consumer:
             return self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "released"))
         attempts = job["attempts"] + 1
         if exc.permanent or attempts >= self.config.queue.max_attempts:
-            return self.record_dead(job, str(exc), attempted=1, summary=exc.summary,
-                                    code=exc.code)
+            return self.record_dead(job, str(exc), attempted=1, summary=exc.summary, code=exc.code)
         delay = retry_delay(attempts, self.config.queue)
-        log.warning("job %s: attempt %d failed (%s); retry in %.0f s",
-                    job["job_id"], attempts, exc.summary, delay)
+        log.warning(
+            "job %s: attempt %d failed (%s); retry in %.0f s",
+            job["job_id"],
+            attempts,
+            exc.summary,
+            delay,
+        )
         self.progress.count("failed")
-        return self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "failed", 1,
-                                            str(exc), delay, exc.code, job.get("started")))
+        return self.recorder.submit(
+            Outcome(
+                job["queue_id"],
+                job["job_id"],
+                "failed",
+                1,
+                str(exc),
+                delay,
+                exc.code,
+                job.get("started"),
+            )
+        )
 
     def record_dead(self, job, error, attempted, summary, code=None):
         log.warning("job %s: dead (%s; see last_error)", job["job_id"], summary)
         self.progress.count("dead")
-        return self.recorder.submit(Outcome(job["queue_id"], job["job_id"], "dead", attempted,
-                                            error, smtp_code=code, started=job.get("started")))
+        return self.recorder.submit(
+            Outcome(
+                job["queue_id"],
+                job["job_id"],
+                "dead",
+                attempted,
+                error,
+                smtp_code=code,
+                started=job.get("started"),
+            )
+        )
 
     def give_back(self, job):
         """A job not sent, for no fault of its own: the next thread takes it, or,
@@ -514,8 +579,10 @@ class SmtpTrouble:
             return
         with self.lock:
             if self.since is not None:
-                log.warning("the SMTP server can be reached again (after %.0f s)",
-                            time.monotonic() - self.since)
+                log.warning(
+                    "the SMTP server can be reached again (after %.0f s)",
+                    time.monotonic() - self.since,
+                )
                 self.since = None
         doorbell.ring()  # the claimer held back while it could not: claim again
 
@@ -540,24 +607,37 @@ class Progress:
             counts, self.counts = self.counts, collections.Counter()
         elapsed, self.since = now - self.since, now
         if counts:
-            paced = " (slowed to %.1f mails/s by throttling)" % governor.rate if governor.rate \
-                else ""
-            log.info("in the last %.0f s: %d sent (%.1f/s), %d failed, %d dead, %d throttled%s",
-                     elapsed, counts["sent"], counts["sent"] / elapsed, counts["failed"],
-                     counts["dead"], counts["throttled"], paced)
+            paced = (
+                " (slowed to %.1f mails/s by throttling)" % governor.rate if governor.rate else ""
+            )
+            log.info(
+                "in the last %.0f s: %d sent (%.1f/s), %d failed, %d dead, %d throttled%s",
+                elapsed,
+                counts["sent"],
+                counts["sent"] / elapsed,
+                counts["failed"],
+                counts["dead"],
+                counts["throttled"],
+                paced,
+            )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Send the mails waiting in the queue table.")
     cli.add_common_arguments(parser)
-    parser.add_argument("--drain", action="store_true",
-                        help="exit once the queue table is empty")
-    parser.add_argument("--concurrency", type=int,
-                        help="mails in flight at once, each on its own SMTP connection "
-                             "(default: queue.concurrency, 32)")
-    parser.add_argument("--processes", type=int,
-                        help="processes the mails in flight are spread over "
-                             "(default: queue.processes, or one per core)")
+    parser.add_argument("--drain", action="store_true", help="exit once the queue table is empty")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        help="mails in flight at once, each on its own SMTP connection "
+        "(default: queue.concurrency, 32)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="processes the mails in flight are spread over "
+        "(default: queue.processes, or one per core)",
+    )
     args = parser.parse_args(argv)
     for flag in ("concurrency", "processes"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -572,14 +652,22 @@ def main(argv=None):
     concurrency = args.concurrency or config.queue.concurrency
     processes = min(concurrency, args.processes or config.queue.processes or supervise.cores())
     sizes = supervise.split(concurrency, processes)
-    log.info("consuming from %s: %d mail(s) in flight over %d process(es)",
-             db.where(config.database), concurrency, processes)
+    log.info(
+        "consuming from %s: %d mail(s) in flight over %d process(es)",
+        db.where(config.database),
+        concurrency,
+        processes,
+    )
     if processes == 1:
         Consumer(config, stop, sizes[0]).run(drain_only=args.drain)
     else:
-        supervise.run_processes(config, stop, sizes, args.drain,
-                                lambda threads, registered: Consumer(config, stop, threads,
-                                                                     registered))
+        supervise.run_processes(
+            config,
+            stop,
+            sizes,
+            args.drain,
+            lambda threads, registered: Consumer(config, stop, threads, registered),
+        )
     log.info("stopped")
 
 

@@ -23,7 +23,7 @@ from mailqueue import cli, db, doorbell
 
 log = logging.getLogger("producer")
 
-POLL_INTERVAL = 1.0   # seconds: how late a retry may be queued after its run_at
+POLL_INTERVAL = 1.0  # seconds: how late a retry may be queued after its run_at
 HEAL_INTERVAL = 30.0  # seconds: how long a queued job without a queue row may wait
 JOBS_CHANNEL = "mailqueue_jobs"
 
@@ -70,15 +70,15 @@ class Producer:
         self.next_heal = time.monotonic() + HEAL_INTERVAL
         healed = db.run(conn, "requeue_stranded_jobs")
         if healed:
-            log.warning("%d queued job(s) had no queue row (removed by hand?): queued again",
-                        healed)
+            log.warning(
+                "%d queued job(s) had no queue row (removed by hand?): queued again", healed
+            )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Move ready jobs into the queue table.")
     cli.add_common_arguments(parser)
-    parser.add_argument("--once", action="store_true",
-                        help="move what is ready now, then exit")
+    parser.add_argument("--once", action="store_true", help="move what is ready now, then exit")
     args = parser.parse_args(argv)
     config = cli.start(args)
     stop = doorbell.Stop()

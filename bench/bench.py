@@ -47,17 +47,25 @@ import psycopg2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mailqueue.devservers import (  # noqa: E402
-    ThrowawayPostgres, apply_schema, free_port, run_sql)
 from build_cost import build_costs  # noqa: E402
 from timing_sink import TimingSink  # noqa: E402
 
-BODY = ("Kính gửi quý khách, đơn hàng của bạn đã được xác nhận và sẽ được giao trong "
-        "hai ngày làm việc. Cảm ơn bạn đã mua sắm cùng chúng tôi! ") * 7  # ~1 KB of UTF-8
+from mailqueue.devservers import (  # noqa: E402
+    ThrowawayPostgres,
+    apply_schema,
+    free_port,
+    run_sql,
+)
+
+BODY = (
+    "Kính gửi quý khách, đơn hàng của bạn đã được xác nhận và sẽ được giao trong "
+    "hai ngày làm việc. Cảm ơn bạn đã mua sắm cùng chúng tôi! "
+) * 7  # ~1 KB of UTF-8
 PG_SETTINGS = ("max_connections=300",)
 
 
 # --------------------------------------------------------------------------- servers
+
 
 def start_smtp_sink():
     """Postfix's smtp-sink on a free port; (port, process)."""
@@ -95,17 +103,18 @@ def start_delay_proxy(folder, target_port, delay_ms):
     source = os.path.join(ROOT, "bench", "delay_proxy.c")
     binary = os.path.join(folder, "delay_proxy")
     compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler and (not os.path.exists(binary)
-                     or os.path.getmtime(binary) < os.path.getmtime(source)):
+    if compiler and (
+        not os.path.exists(binary) or os.path.getmtime(binary) < os.path.getmtime(source)
+    ):
         subprocess.run([compiler, "-O2", "-o", binary, source], check=True)
     if compiler:
         command, which = [binary], "C"
     else:
-        command, which = [sys.executable, os.path.join(ROOT, "bench", "delay_proxy.py")], \
-            "asyncio"
+        command, which = [sys.executable, os.path.join(ROOT, "bench", "delay_proxy.py")], "asyncio"
     port = free_port()
-    proc = subprocess.Popen(command + [str(port), str(target_port), str(delay_ms)],
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        command + [str(port), str(target_port), str(delay_ms)], stdout=subprocess.PIPE
+    )
     if proc.stdout.readline().strip() != b"ready":
         raise SystemExit("error: the delay proxy did not start")
     return port, proc, which
@@ -122,8 +131,9 @@ def sink_ceiling(port, total):
     """Mails/s the sink takes from 4 processes sending ready-made bytes."""
     data = ("Subject: x\r\n\r\n" + BODY).encode("utf-8")
     started = time.monotonic()
-    procs = [multiprocessing.Process(target=_blast, args=(port, total // 4, data))
-             for _ in range(4)]
+    procs = [
+        multiprocessing.Process(target=_blast, args=(port, total // 4, data)) for _ in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -136,6 +146,7 @@ def _sink_process(port, conn, quota):
     reporting (arrival times by recipient, throttled replies) when told to stop."""
     if quota:
         from quota_sink import QuotaSink
+
         sink = QuotaSink(port, quota)
     else:
         sink = TimingSink(port)
@@ -152,8 +163,9 @@ class SinkProcess:
     def __init__(self, quota=None):
         self.port = free_port()
         self.ours, theirs = multiprocessing.Pipe()
-        self.proc = multiprocessing.Process(target=_sink_process,
-                                            args=(self.port, theirs, quota), daemon=True)
+        self.proc = multiprocessing.Process(
+            target=_sink_process, args=(self.port, theirs, quota), daemon=True
+        )
         self.proc.start()
         self.ours.recv()
 
@@ -182,13 +194,18 @@ class Build:
             root = os.path.abspath(ref)
             tag = "".join(c if c.isalnum() else "_" for c in os.path.basename(root))
             return cls(root, "old %s" % os.path.basename(root), "bench_template_%s" % tag)
-        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", ref], check=True,
-                             capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "--short", ref],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         root = os.path.join(folder, "baseline-%s" % sha)
         if not os.path.exists(os.path.join(root, "consumer.py")):
             os.makedirs(root, exist_ok=True)
-            archive = subprocess.run(["git", "-C", ROOT, "archive", sha], check=True,
-                                     capture_output=True).stdout
+            archive = subprocess.run(
+                ["git", "-C", ROOT, "archive", sha], check=True, capture_output=True
+            ).stdout
             subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
         return cls(root, "old %s" % sha, "bench_template_%s" % sha)
 
@@ -201,8 +218,9 @@ class Build:
             return "--processes" in f.read()
 
     def script(self, name, *args):
-        return [sys.executable, os.path.join(self.root, name), "--log-level", "WARNING"] \
-            + list(args)
+        return [sys.executable, os.path.join(self.root, name), "--log-level", "WARNING"] + list(
+            args
+        )
 
     def consumer(self, *args):
         """The command (given a config path) of a draining consumer."""
@@ -222,8 +240,7 @@ class Lab:
         self.folder = folder
         for build in builds:
             self.admin("CREATE DATABASE %s" % build.template)
-            apply_schema(self.pg.dsn(build.template),
-                         os.path.join(build.root, "sql", "schema.sql"))
+            apply_schema(self.pg.dsn(build.template), os.path.join(build.root, "sql", "schema.sql"))
         self.count = 0
 
     def admin(self, sql):
@@ -243,8 +260,10 @@ class Lab:
         server on smtp_port (default: the throughput sink), the `queue` section."""
         name, port = conn.info.dbname, smtp_port or self.smtp_port
         path = os.path.join(self.folder, "%s-%d.json" % (name, port))
-        settings = {"database": self.pg.settings_for(name),
-                    "smtp": {"host": "127.0.0.1", "port": port}}
+        settings = {
+            "database": self.pg.settings_for(name),
+            "smtp": {"host": "127.0.0.1", "port": port},
+        }
         if queue:
             settings["queue"] = queue
         with open(path, "w") as f:
@@ -321,7 +340,9 @@ def insert_jobs(conn, count, prefix="user"):
     conn.cursor().execute(
         "INSERT INTO jobs (email, subject, content_message) "
         "SELECT %s || i || '@example.com', 'Đơn hàng số ' || i, %s "
-        "FROM generate_series(1, %s) i", (prefix, BODY, count))
+        "FROM generate_series(1, %s) i",
+        (prefix, BODY, count),
+    )
 
 
 def add_history(conn, rows):
@@ -331,7 +352,9 @@ def add_history(conn, rows):
         "end_time, created_at, run_at) "
         "SELECT 'old' || i || '@example.com', 'Old mail ' || i, %s, 'completed', 1, "
         "now() - interval '1 day', now() - interval '1 day', now() - interval '1 day', "
-        "now() - interval '1 day' FROM generate_series(1, %s) i", (BODY[:200], rows))
+        "now() - interval '1 day' FROM generate_series(1, %s) i",
+        (BODY[:200], rows),
+    )
     conn.cursor().execute("VACUUM ANALYZE jobs")
     conn.cursor().execute("CHECKPOINT")  # history is old: its writes are not part of the run
 
@@ -339,8 +362,7 @@ def add_history(conn, rows):
 def completed(conn):
     """Jobs completed, the history left aside (a full count: only at the end)."""
     cur = conn.cursor()
-    cur.execute("SELECT count(*) FROM jobs WHERE status = 'completed' "
-                "AND email NOT LIKE 'old%%'")
+    cur.execute("SELECT count(*) FROM jobs WHERE status = 'completed' AND email NOT LIKE 'old%%'")
     return cur.fetchone()[0]
 
 
@@ -353,8 +375,10 @@ def statuses(conn):
 def pending(conn):
     """Jobs not yet finished, cheaply (queue rows, and ready jobs by their index)."""
     cur = conn.cursor()
-    cur.execute("SELECT (SELECT count(*) FROM queue) + (SELECT count(*) FROM jobs "
-                "WHERE status IN ('available', 'failed'))")
+    cur.execute(
+        "SELECT (SELECT count(*) FROM queue) + (SELECT count(*) FROM jobs "
+        "WHERE status IN ('available', 'failed'))"
+    )
     return cur.fetchone()[0]
 
 
@@ -364,8 +388,10 @@ def wait_listening(conn, count):
     cur = conn.cursor()
     seen, steady_since = 0, None
     for _ in range(600):
-        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND application_name LIKE '%%(listen)%%' AND query ILIKE 'listen%%'")
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE '%%(listen)%%' AND query ILIKE 'listen%%'"
+        )
         now_seen = cur.fetchone()[0]
         if now_seen != seen:
             seen, steady_since = now_seen, time.monotonic()
@@ -376,6 +402,7 @@ def wait_listening(conn, count):
 
 
 # --------------------------------------------------------------------------- goals
+
 
 def in_turns(rounds, *measures):
     """Call each of `measures` in turn, `rounds` times; a list of results per
@@ -394,30 +421,39 @@ class Run:
     def __init__(self, mails, elapsed, cpu, pg_cpu, connections, pss, work):
         self.mails, self.elapsed = mails, elapsed
         self.rate = mails / elapsed
-        self.cpu_per_mail = cpu / mails * 1e6        # µs in the command's processes
-        self.pg_per_mail = pg_cpu / mails * 1e6      # µs in PostgreSQL
-        self.connections = connections               # peak, from pg_stat_activity
-        self.pss = pss                               # peak MB, the command's processes
+        self.cpu_per_mail = cpu / mails * 1e6  # µs in the command's processes
+        self.pg_per_mail = pg_cpu / mails * 1e6  # µs in PostgreSQL
+        self.connections = connections  # peak, from pg_stat_activity
+        self.pss = pss  # peak MB, the command's processes
         # per mail: transactions committed, WAL flushes (fsyncs), WAL bytes, rows written
         self.work = {key: value / mails for key, value in work.items()}
 
     def work_text(self):
         w = self.work
         return "%.2f commits, %.2f fsyncs, %.0f B WAL, %.1f rows written" % (
-            w["commits"], w["fsyncs"], w["wal_bytes"], w["rows"])
+            w["commits"],
+            w["fsyncs"],
+            w["wal_bytes"],
+            w["rows"],
+        )
 
 
 def database_work(cur):
     """Counters of the work PostgreSQL did (cur's database; WAL: the cluster)."""
     cur.execute("SELECT pg_stat_clear_snapshot()")
     # WAL flushes: pg_stat_wal.wal_sync up to PostgreSQL 17, pg_stat_io from 18 on.
-    fsyncs = ("wal_sync" if cur.connection.server_version < 180000 else
-              "(SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal')")
-    cur.execute("SELECT (SELECT xact_commit FROM pg_stat_database "
-                "         WHERE datname = current_database()), %s, wal_bytes, "
-                "       (SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) "
-                "          FROM pg_stat_user_tables) "
-                "  FROM pg_stat_wal" % fsyncs)
+    fsyncs = (
+        "wal_sync"
+        if cur.connection.server_version < 180000
+        else "(SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal')"
+    )
+    cur.execute(
+        "SELECT (SELECT xact_commit FROM pg_stat_database "
+        "         WHERE datname = current_database()), %s, wal_bytes, "
+        "       (SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) "
+        "          FROM pg_stat_user_tables) "
+        "  FROM pg_stat_wal" % fsyncs
+    )
     commits, fsyncs, wal_bytes, rows = cur.fetchone()
     return dict(commits=commits, fsyncs=fsyncs, wal_bytes=float(wal_bytes), rows=rows)
 
@@ -437,8 +473,10 @@ def settled(cur):
     (a server process reports them as it ends, after it has left
     pg_stat_activity): the counters no longer move for 0.2 s."""
     for _ in range(100):
-        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND application_name LIKE 'mailqueue%%'")
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'mailqueue%%'"
+        )
         if cur.fetchone()[0] == 0:
             break
         time.sleep(0.05)
@@ -468,8 +506,10 @@ def watched(lab, conn, command, mails):
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
-                        "current_database() AND application_name LIKE 'mailqueue consumer%%'")
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                "current_database() AND application_name LIKE 'mailqueue consumer%%'"
+            )
             peak_conns = max(peak_conns, cur.fetchone()[0])
             peak_pss = max(peak_pss, pss_mb(proc.pid))
             time.sleep(0.25)
@@ -540,8 +580,10 @@ def latency(lab, build, rate, seconds, database=None):
         conn, config = database[0], lab.config(database[0], sink.port)
     else:
         conn, config = lab.fresh(build, smtp_port=sink.port)
-    procs = [subprocess.Popen(build.script("consumer.py", "--config", config)),
-             subprocess.Popen(build.script("producer.py", "--config", config))]
+    procs = [
+        subprocess.Popen(build.script("consumer.py", "--config", config)),
+        subprocess.Popen(build.script("producer.py", "--config", config)),
+    ]
     committed = {}
     try:
         wait_listening(conn, 1 + 1)  # the consumer (each process of it), and the producer
@@ -550,8 +592,10 @@ def latency(lab, build, rate, seconds, database=None):
         started = time.monotonic()
         for i in range(int(rate * seconds)):
             address = "lat%d@example.com" % i
-            cur.execute("INSERT INTO jobs (email, subject, content_message) "
-                        "VALUES (%s, %s, %s)", (address, "Độ trễ", BODY))
+            cur.execute(
+                "INSERT INTO jobs (email, subject, content_message) VALUES (%s, %s, %s)",
+                (address, "Độ trễ", BODY),
+            )
             committed[address] = time.time()
             pause = started + (i + 1) / rate - time.monotonic()  # pacing the load
             if pause > 0:
@@ -588,9 +632,11 @@ def latency_stages(conn, committed, arrivals):
     cur.execute("SELECT to_regclass('deliveries') IS NOT NULL")
     if not cur.fetchone()[0]:
         return None
-    cur.execute("SELECT j.email, EXTRACT(EPOCH FROM j.start_time AT TIME ZONE current_setting("
-                "'TimeZone')), EXTRACT(EPOCH FROM d.started_at) FROM jobs j "
-                "JOIN deliveries d ON d.job_id = j.job_id WHERE j.email LIKE 'lat%%'")
+    cur.execute(
+        "SELECT j.email, EXTRACT(EPOCH FROM j.start_time AT TIME ZONE current_setting("
+        "'TimeZone')), EXTRACT(EPOCH FROM d.started_at) FROM jobs j "
+        "JOIN deliveries d ON d.job_id = j.job_id WHERE j.email LIKE 'lat%%'"
+    )
     moved, taken, sent = [], [], []
     for email, start_time, started_at in cur.fetchall():
         if email in committed and email in arrivals:
@@ -615,8 +661,7 @@ def memory(lab, build, count):
     conn, config = lab.fresh(build)
     insert_jobs(conn, count)
     subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
-    proc = subprocess.Popen(build.script("consumer.py", "--config", config,
-                                         "--concurrency", "1"))
+    proc = subprocess.Popen(build.script("consumer.py", "--config", config, "--concurrency", "1"))
     early = late = None
     try:
         while True:
@@ -655,14 +700,17 @@ def insert_cost(lab, build, bulk, singles):
 
     def single_rows():
         for i in itertools.islice(numbers, 500):
-            cur.execute("INSERT INTO jobs (email, content_message) VALUES (%s, %s)",
-                        ("one%d@example.com" % i, "hello"))
+            cur.execute(
+                "INSERT INTO jobs (email, content_message) VALUES (%s, %s)",
+                ("one%d@example.com" % i, "hello"),
+            )
 
     on, off = in_turns(3, lambda: one_statement(True), lambda: one_statement(False))
     bulk_ratio = statistics.median(on) / statistics.median(off)
     cur.execute("TRUNCATE jobs CASCADE")
-    on, off = in_turns(singles // 500, lambda: timed(True, single_rows),
-                       lambda: timed(False, single_rows))
+    on, off = in_turns(
+        singles // 500, lambda: timed(True, single_rows), lambda: timed(False, single_rows)
+    )
     conn.close()
     return bulk_ratio, sum(on) / sum(off)
 
@@ -671,8 +719,9 @@ def relay(lab, build, proxy_port, proxy, concurrency, count):
     """Drain `count` queued jobs through the delay proxy with `concurrency`
     mails in flight; (Run, the proxy's CPU µs per mail)."""
     proxy_before = process_cpu(proxy.pid)
-    run = burn_down(lab, build, count, build.consumer("--concurrency", str(concurrency)),
-                    smtp_port=proxy_port)
+    run = burn_down(
+        lab, build, count, build.consumer("--concurrency", str(concurrency)), smtp_port=proxy_port
+    )
     return run, (process_cpu(proxy.pid) - proxy_before) / count * 1e6
 
 
@@ -693,8 +742,7 @@ def per_second(times):
     return counts, busiest, (len(times) - 1) / (times[-1] - times[0])
 
 
-def serve_until_done(lab, build, jobs, consumers, queue, quota=None, timeout=180.0,
-                     producer=False):
+def serve_until_done(lab, build, jobs, consumers, queue, quota=None, timeout=180.0, producer=False):
     """Queue `jobs`, then run `consumers` consumers (and, if asked, a producer,
     for the retries) against a timing sink, or a QuotaSink of `quota` mails/s,
     until no job is left to do; (arrival times, throttled replies, statuses)."""
@@ -704,11 +752,12 @@ def serve_until_done(lab, build, jobs, consumers, queue, quota=None, timeout=180
     subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
     # Their log (a line per failed attempt, for the old consumer) goes to a file.
     log = open(os.path.join(lab.folder, "%s.log" % conn.info.dbname), "w")
-    procs = [subprocess.Popen(build.script("consumer.py", "--config", config), stderr=log)
-             for _ in range(consumers)]
+    procs = [
+        subprocess.Popen(build.script("consumer.py", "--config", config), stderr=log)
+        for _ in range(consumers)
+    ]
     if producer:
-        procs.append(subprocess.Popen(build.script("producer.py", "--config", config),
-                                      stderr=log))
+        procs.append(subprocess.Popen(build.script("producer.py", "--config", config), stderr=log))
     try:
         deadline = time.monotonic() + timeout
         while pending(conn) and time.monotonic() < deadline:
@@ -739,9 +788,29 @@ def profile(lab, build, count, folder):
     raw = os.path.join(folder, "profile-%s.txt" % build.label.replace(" ", "-"))
     # --gil: only the samples of the thread that holds the GIL, i.e. Python's CPU
     # time (waits, and C code that released the GIL, are left out).
-    spied = burn_down(lab, build, count, lambda config: [
-        spy, "record", "--nonblocking", "--gil", "--rate", "100", "--format", "raw",
-        "--nolineno", "--output", raw] + spy_flags + ["--"] + build.consumer(*flags)(config))
+    spied = burn_down(
+        lab,
+        build,
+        count,
+        lambda config: (
+            [
+                spy,
+                "record",
+                "--nonblocking",
+                "--gil",
+                "--rate",
+                "100",
+                "--format",
+                "raw",
+                "--nolineno",
+                "--output",
+                raw,
+            ]
+            + spy_flags
+            + ["--"]
+            + build.consumer(*flags)(config)
+        ),
+    )
     inclusive, own, total = {}, {}, 0
     with open(raw) as f:
         for line in f:
@@ -751,8 +820,11 @@ def profile(lab, build, count, folder):
             for frame in set(frames[1:]):  # the first is the thread
                 inclusive[frame] = inclusive.get(frame, 0) + samples
             own[frames[-1]] = own.get(frames[-1], 0) + samples
-    table = sorted([(n / total, "incl", f) for f, n in inclusive.items()]
-                   + [(n / total, "self", f) for f, n in own.items()], reverse=True)
+    table = sorted(
+        [(n / total, "incl", f) for f, n in inclusive.items()]
+        + [(n / total, "self", f) for f, n in own.items()],
+        reverse=True,
+    )
     return plain, spied, table, raw
 
 
@@ -761,53 +833,119 @@ def cpu_profile(lab, build, count, folder):
     every thread, CPU time); (Run, [(share of CPU, own µs per mail, function)])."""
     out = os.path.join(folder, "cpu-%s.pstats" % build.label.replace(" ", "-"))
     flags = ["--processes", "1"] if build.threaded else ["--concurrency", "1"]
-    run = burn_down(lab, build, count, lambda config: [
-        sys.executable, os.path.join(ROOT, "bench", "cpu_profile.py"), out]
-        + build.consumer(*flags)(config)[1:])
+    run = burn_down(
+        lab,
+        build,
+        count,
+        lambda config: (
+            [sys.executable, os.path.join(ROOT, "bench", "cpu_profile.py"), out]
+            + build.consumer(*flags)(config)[1:]
+        ),
+    )
     import pstats
+
     stats = pstats.Stats(out).stats
     total = sum(tottime for _, _, tottime, _, _ in stats.values())
-    table = sorted(((tottime / total, tottime / count * 1e6, "%s (%s:%d)" % (
-        name, os.path.relpath(path, ROOT) if path.startswith(ROOT) else os.path.basename(path),
-        line)) for (path, line, name), (_, _, tottime, _, _) in stats.items()), reverse=True)
+    table = sorted(
+        (
+            (
+                tottime / total,
+                tottime / count * 1e6,
+                "%s (%s:%d)"
+                % (
+                    name,
+                    os.path.relpath(path, ROOT)
+                    if path.startswith(ROOT)
+                    else os.path.basename(path),
+                    line,
+                ),
+            )
+            for (path, line, name), (_, _, tottime, _, _) in stats.items()
+        ),
+        reverse=True,
+    )
     return run, table
 
 
 # --------------------------------------------------------------------------- report
 
-SCENARIOS = ("ceiling", "local", "latency", "history", "memory", "insert", "relay", "rate",
-             "quota", "build")
+SCENARIOS = (
+    "ceiling",
+    "local",
+    "latency",
+    "history",
+    "memory",
+    "insert",
+    "relay",
+    "rate",
+    "quota",
+    "build",
+)
 EXTRA = ("profile",)  # only when named in --only
 
 
 def main():
     parser = argparse.ArgumentParser(description="Benchmarks; prints a table of figures.")
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
-    parser.add_argument("--only", metavar="SCENARIO[,SCENARIO]",
-                        help="run only these scenarios, of: %s (and profile, run only "
-                             "when named)" % ", ".join(SCENARIOS))
-    parser.add_argument("--baseline", metavar="GIT_REF",
-                        help="also run that commit's consumer, in turns (e.g. 743873b~1, "
-                             "the commit before the consumer's rebuild), or the one in a "
-                             "folder (a patched copy of the tree)")
-    parser.add_argument("--relay-n", default="4,32,128", metavar="N[,N]",
-                        help="mails in flight for the relay scenario (default: 4,32,128)")
+    parser.add_argument(
+        "--only",
+        metavar="SCENARIO[,SCENARIO]",
+        help="run only these scenarios, of: %s (and profile, run only "
+        "when named)" % ", ".join(SCENARIOS),
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="GIT_REF",
+        help="also run that commit's consumer, in turns (e.g. 743873b~1, "
+        "the commit before the consumer's rebuild), or the one in a "
+        "folder (a patched copy of the tree)",
+    )
+    parser.add_argument(
+        "--relay-n",
+        default="4,32,128",
+        metavar="N[,N]",
+        help="mails in flight for the relay scenario (default: 4,32,128)",
+    )
     args = parser.parse_args()
     only = set(SCENARIOS) if not args.only else set(args.only.split(","))
     unknown = only - set(SCENARIOS) - set(EXTRA)
     if unknown:
-        parser.error("unknown scenario %s (known: %s)" % (", ".join(sorted(unknown)),
-                                                           ", ".join(SCENARIOS)))
+        parser.error(
+            "unknown scenario %s (known: %s)" % (", ".join(sorted(unknown)), ", ".join(SCENARIOS))
+        )
     try:
         relay_n = [int(n) for n in args.relay_n.split(",")]
     except ValueError:
         parser.error("--relay-n takes whole numbers separated by commas")
-    size = dict(burn=5000, seed=2000, history=100_000, lat_seconds=10, memory=10_000,
-                bulk=20_000, singles=2000, rate_jobs=400, quota_jobs=450, turns=1,
-                relay={4: 400, 32: 2000, 128: 6000}) if args.quick else dict(
-        burn=20_000, seed=10_000, history=1_000_000, lat_seconds=30, memory=30_000,
-        bulk=100_000, singles=10_000, rate_jobs=800, quota_jobs=900, turns=3,
-        relay={4: 1000, 32: 6000, 128: 20_000})
+    size = (
+        dict(
+            burn=5000,
+            seed=2000,
+            history=100_000,
+            lat_seconds=10,
+            memory=10_000,
+            bulk=20_000,
+            singles=2000,
+            rate_jobs=400,
+            quota_jobs=450,
+            turns=1,
+            relay={4: 400, 32: 2000, 128: 6000},
+        )
+        if args.quick
+        else dict(
+            burn=20_000,
+            seed=10_000,
+            history=1_000_000,
+            lat_seconds=30,
+            memory=30_000,
+            bulk=100_000,
+            singles=10_000,
+            rate_jobs=800,
+            quota_jobs=900,
+            turns=3,
+            relay={4: 1000, 32: 6000, 128: 20_000},
+        )
+    )
 
     folder = os.path.join(ROOT, "bench", "output")
     os.makedirs(folder, exist_ok=True)
@@ -827,19 +965,33 @@ def main():
     stolen_in_run = StolenTime()
     proxy = None
     try:
-        print("PostgreSQL %s (default durability), smtp-sink, %d cores, Python %s%s"
-              % (lab.pg.version(), os.cpu_count(), sys.version.split()[0],
-                 ", baseline: %s" % old.label if old else ""))
-        row("figure", "this consumer", "target (issue 9)",
-            "old consumer (%s) / seed-style loop" % (old.label if old else "--baseline"))
+        print(
+            "PostgreSQL %s (default durability), smtp-sink, %d cores, Python %s%s"
+            % (
+                lab.pg.version(),
+                os.cpu_count(),
+                sys.version.split()[0],
+                ", baseline: %s" % old.label if old else "",
+            )
+        )
+        row(
+            "figure",
+            "this consumer",
+            "target (issue 9)",
+            "old consumer (%s) / seed-style loop" % (old.label if old else "--baseline"),
+        )
 
         if "ceiling" in only:
-            row("smtp-sink ceiling (4 senders, ready bytes)",
-                "%.0f mails/s" % sink_ceiling(port, 40_000 if not args.quick else 20_000))
+            row(
+                "smtp-sink ceiling (4 senders, ready bytes)",
+                "%.0f mails/s" % sink_ceiling(port, 40_000 if not args.quick else 20_000),
+            )
 
         if "local" in only:
-            measures = [lambda: burn_down(lab, new, size["burn"], new.consumer()),
-                        lambda: burn_down(lab, new, size["seed"], seed_loop)]
+            measures = [
+                lambda: burn_down(lab, new, size["burn"], new.consumer()),
+                lambda: burn_down(lab, new, size["seed"], seed_loop),
+            ]
             if old:
                 measures.append(lambda: burn_down(lab, old, size["burn"], old.consumer()))
             results = in_turns(size["turns"], *measures)
@@ -852,23 +1004,47 @@ def main():
             other = "seed %.0f/s (%d mails)" % (median(r.rate for r in seed), size["seed"])
             if old:
                 other = "old %.0f/s; %s" % (median(r.rate for r in results[2]), other)
-            row("1. burn-down of %d queued mails, local sink" % size["burn"],
-                "%.0f mails/s" % median(r.rate for r in ours), ">= 4500/s", other)
+            row(
+                "1. burn-down of %d queued mails, local sink" % size["burn"],
+                "%.0f mails/s" % median(r.rate for r in ours),
+                ">= 4500/s",
+                other,
+            )
             ratio = median(r.rate for r in ours) / median(r.rate for r in seed)
-            row("   ratio to the seed-style loop", "%.1fx" % ratio, ">= 4.5x",
+            row(
+                "   ratio to the seed-style loop",
+                "%.1fx" % ratio,
+                ">= 4.5x",
                 "old %.1fx" % (median(r.rate for r in results[2]) / median(r.rate for r in seed))
-                if old else "")
-            row("   runs (mails/s, in turns)", " ".join("%.0f" % r.rate for r in ours), "",
-                "old " + " ".join("%.0f" % r.rate for r in results[2]) if old else "")
-            row("   CPU per mail: consumer + PostgreSQL", cpu(mid(ours)),
-                "(0.19 + 0.2 ms before)", ("old %s; " % cpu(mid(results[2])) if old else "")
-                + "seed %s" % cpu(mid(seed)))
-            row("   PostgreSQL's work per mail", mid(ours).work_text(), "",
-                "old " + mid(results[2]).work_text() if old else "")
-            row("   DB connections / PSS, peak", "%d / %.0f MB" % (
-                mid(ours).connections, mid(ours).pss), "",
+                if old
+                else "",
+            )
+            row(
+                "   runs (mails/s, in turns)",
+                " ".join("%.0f" % r.rate for r in ours),
+                "",
+                "old " + " ".join("%.0f" % r.rate for r in results[2]) if old else "",
+            )
+            row(
+                "   CPU per mail: consumer + PostgreSQL",
+                cpu(mid(ours)),
+                "(0.19 + 0.2 ms before)",
+                ("old %s; " % cpu(mid(results[2])) if old else "") + "seed %s" % cpu(mid(seed)),
+            )
+            row(
+                "   PostgreSQL's work per mail",
+                mid(ours).work_text(),
+                "",
+                "old " + mid(results[2]).work_text() if old else "",
+            )
+            row(
+                "   DB connections / PSS, peak",
+                "%d / %.0f MB" % (mid(ours).connections, mid(ours).pss),
+                "",
                 "old %d / %.0f MB" % (mid(results[2]).connections, mid(results[2]).pss)
-                if old else "")
+                if old
+                else "",
+            )
 
         if "latency" in only or "history" in only:
             history = lab.fresh(new) if "history" in only else None
@@ -885,30 +1061,49 @@ def main():
             other = ""
             if old:
                 op50, op99, _ = pooled(runs[1])
-            row("2. latency at 50 jobs/s, p50", "%.1f ms" % p50, "<= 3 ms",
-                "old %.1f ms" % op50 if old else "")
-            row("   latency at 50 jobs/s, p99", "%.1f ms" % p99, "<= 8 ms",
+            row(
+                "2. latency at 50 jobs/s, p50",
+                "%.1f ms" % p50,
+                "<= 3 ms",
+                "old %.1f ms" % op50 if old else "",
+            )
+            row(
+                "   latency at 50 jobs/s, p99",
+                "%.1f ms" % p99,
+                "<= 8 ms",
                 ("old %.1f ms " % op99 if old else "")
-                + "(CPU stolen by the host meanwhile: %.1f%%)" % (stolen * 100))
+                + "(CPU stolen by the host meanwhile: %.1f%%)" % (stolen * 100),
+            )
             stages = [st for st in latency.stages if st]
             if stages:
-                row("   medians: commit>move, move>thread, thread>sink",
-                    " / ".join("%.1f" % statistics.median(st[i] for st in stages)
-                               for i in range(3)) + " ms", "",
-                    "(this consumer, all its latency runs)")
+                row(
+                    "   medians: commit>move, move>thread, thread>sink",
+                    " / ".join("%.1f" % statistics.median(st[i] for st in stages) for i in range(3))
+                    + " ms",
+                    "",
+                    "(this consumer, all its latency runs)",
+                )
             if history:
                 hp50, hp99, hstolen = pooled(runs[-1])
-                empty, full = in_turns(2, lambda: burn_down(lab, new, size["burn"],
-                                                            new.consumer()),
-                                       lambda: burn_down(lab, new, size["burn"],
-                                                         new.consumer(), database=history))
+                empty, full = in_turns(
+                    2,
+                    lambda: burn_down(lab, new, size["burn"], new.consumer()),
+                    lambda: burn_down(lab, new, size["burn"], new.consumer(), database=history),
+                )
                 empty = statistics.median(r.rate for r in empty)
                 full = statistics.median(r.rate for r in full)
-                row("3. burn-down with %d completed jobs" % size["history"],
+                row(
+                    "3. burn-down with %d completed jobs" % size["history"],
                     "%.0f mails/s (%+.1f%%)" % (full, (full / empty - 1) * 100),
-                    "within 10%", "(%.0f mails/s without, same turns)" % empty)
-                row("   latency p50 / p99 with that history", "%.1f / %.1f ms" % (hp50, hp99),
-                    "within 10%", "(CPU stolen by the host meanwhile: %.1f%%)" % (hstolen * 100))
+                    "within 10%",
+                    "(%.0f mails/s without, same turns)" % empty,
+                )
+                row(
+                    "   latency p50 / p99 with that history",
+                    "%.1f / %.1f ms" % (hp50, hp99),
+                    "within 10%",
+                    "(CPU stolen by the host meanwhile: %.1f%%)" % (hstolen * 100),
+                )
                 history[0].close()
             del other
 
@@ -918,15 +1113,17 @@ def main():
             if old:
                 oearly, olate = memory(lab, old, size["memory"])
                 other = "old %.1f / %.1f MB" % (oearly, olate)
-            row("4. PSS, 1 in flight, after 1,000 / %d mails" % size["memory"],
-                "%.1f / %.1f MB (%+.1f)" % (early, late, late - early), "within 10 MB", other)
+            row(
+                "4. PSS, 1 in flight, after 1,000 / %d mails" % size["memory"],
+                "%.1f / %.1f MB (%+.1f)" % (early, late, late - early),
+                "within 10 MB",
+                other,
+            )
 
         if "insert" in only:
             bulk, singles = insert_cost(lab, new, size["bulk"], size["singles"])
-            row("5. INSERT of %d jobs, triggers on/off" % size["bulk"], "%.2fx" % bulk,
-                "<= 1.5x")
-            row("   %d single-row INSERTs, on/off" % size["singles"], "%.2fx" % singles,
-                "<= 1.5x")
+            row("5. INSERT of %d jobs, triggers on/off" % size["bulk"], "%.2fx" % bulk, "<= 1.5x")
+            row("   %d single-row INSERTs, on/off" % size["singles"], "%.2fx" % singles, "<= 1.5x")
 
         if "relay" in only:
             proxy_port, proxy, which = start_delay_proxy(folder, port, 25)
@@ -941,23 +1138,42 @@ def main():
                 other = "(%s proxy: %.0f µs CPU/mail)" % (which, proxy_cpu)
                 if compared:
                     orun, _ = results[1][0]
-                    other = "old %.0f/s, %d conns, %.0f MB %s" % (orun.rate, orun.connections,
-                                                                  orun.pss, other)
-                row("6. relay 50 ms RTT, N=%d, %d mails" % (n, count),
+                    other = "old %.0f/s, %d conns, %.0f MB %s" % (
+                        orun.rate,
+                        orun.connections,
+                        orun.pss,
+                        other,
+                    )
+                row(
+                    "6. relay 50 ms RTT, N=%d, %d mails" % (n, count),
                     "%.0f/s, %d conns, %.0f MB" % (run.rate, run.connections, run.pss),
-                    ">=1500/s <=16 <=300MB" if n == 128 else "", other)
-                row("   CPU per mail: consumer + PostgreSQL", cpu(run), "",
-                    "old %s" % cpu(orun) if compared else "")
-                row("   PostgreSQL's work per mail", run.work_text(), "",
-                    "old " + orun.work_text() if compared else "")
+                    ">=1500/s <=16 <=300MB" if n == 128 else "",
+                    other,
+                )
+                row(
+                    "   CPU per mail: consumer + PostgreSQL",
+                    cpu(run),
+                    "",
+                    "old %s" % cpu(orun) if compared else "",
+                )
+                row(
+                    "   PostgreSQL's work per mail",
+                    run.work_text(),
+                    "",
+                    "old " + orun.work_text() if compared else "",
+                )
 
         if "rate" in only:
             arrivals, _, result = serve_until_done(
-                lab, new, size["rate_jobs"], 3, {"rate_limit": 40})
+                lab, new, size["rate_jobs"], 3, {"rate_limit": 40}
+            )
             counts, busiest, mean = per_second(arrivals.values())
-            row("7. rate_limit 40/s, 3 consumers, %d mails" % size["rate_jobs"],
-                "busiest %d, mean %.1f/s" % (busiest, mean), "<= 45, >= 36",
-                "%d completed" % result.get("completed", 0))
+            row(
+                "7. rate_limit 40/s, 3 consumers, %d mails" % size["rate_jobs"],
+                "busiest %d, mean %.1f/s" % (busiest, mean),
+                "<= 45, >= 36",
+                "%d completed" % result.get("completed", 0),
+            )
             row("   mails in each second", " ".join(str(c) for c in counts[:30]))
 
         if "quota" in only:
@@ -965,18 +1181,25 @@ def main():
             builds = [new] + ([old] if old else [])
             for build in builds:
                 arrivals, throttled, result = serve_until_done(
-                    lab, build, size["quota_jobs"], 1, queue, quota=30, producer=True)
+                    lab, build, size["quota_jobs"], 1, queue, quota=30, producer=True
+                )
                 counts, busiest, mean = per_second(arrivals.values())
-                row("8. quota 30/s (454 past it), %d mails%s" % (
-                    size["quota_jobs"], "" if build is new else ", " + build.label),
+                row(
+                    "8. quota 30/s (454 past it), %d mails%s"
+                    % (size["quota_jobs"], "" if build is new else ", " + build.label),
                     "%d dead, %.1f/s" % (result.get("dead", 0), mean),
                     "0 dead, >= 22/s" if build is new else "",
                     "%d throttled replies, %d completed, busiest %d"
-                    % (throttled, result.get("completed", 0), busiest))
+                    % (throttled, result.get("completed", 0), busiest),
+                )
         if "build" in only:  # issue 11: what each kind of mail costs to build
             for kind, micros, size_bytes in build_costs(args.quick):
-                row("11. building a mail: %s" % kind, "%.0f µs" % micros, "",
-                    "%d bytes" % size_bytes)
+                row(
+                    "11. building a mail: %s" % kind,
+                    "%.0f µs" % micros,
+                    "",
+                    "%d bytes" % size_bytes,
+                )
         if "profile" in only:
             for build in [new] + ([old] if old else []):
                 found = profile(lab, build, size["burn"], folder)
@@ -984,19 +1207,25 @@ def main():
                     row("9. profile", "skipped: no py-spy (.venv/bin/pip install py-spy)")
                     break
                 plain, spied, table, raw = found
-                row("9. profile, %s, %s" % ("--processes 1" if build.threaded else "defaults",
-                                             build.label),
-                    "%.0f mails/s, %s" % (plain.rate, cpu(plain)), "",
-                    "%.0f mails/s under py-spy; %s" % (spied.rate, os.path.relpath(raw, ROOT)))
+                row(
+                    "9. profile, %s, %s"
+                    % ("--processes 1" if build.threaded else "defaults", build.label),
+                    "%.0f mails/s, %s" % (plain.rate, cpu(plain)),
+                    "",
+                    "%.0f mails/s under py-spy; %s" % (spied.rate, os.path.relpath(raw, ROOT)),
+                )
                 row("   PostgreSQL's work per mail", plain.work_text())
                 for share, kind, frame in table[:45]:
                     row("   %5.1f%% %s" % (share * 100, kind), frame[:110])
         if "profile" in only:
             for build in [new] + ([old] if old else []):
                 run, table = cpu_profile(lab, build, size["burn"] // 2, folder)
-                row("10. CPU by function (cProfile), %s" % build.label,
-                    "%.0f mails/s profiled" % run.rate, "",
-                    "--processes 1" if build.threaded else "--concurrency 1 (one worker)")
+                row(
+                    "10. CPU by function (cProfile), %s" % build.label,
+                    "%.0f mails/s profiled" % run.rate,
+                    "",
+                    "--processes 1" if build.threaded else "--concurrency 1 (one worker)",
+                )
                 for share, micros, frame in table[:30]:
                     row("   %5.1f%% %6.1f µs/mail" % (share * 100, micros), frame[:110])
         row("CPU time stolen by the host, whole run", "%.1f%%" % (stolen_in_run.share() * 100))

@@ -42,14 +42,15 @@ async def pipe(reader, writer, delay):
 async def main(listen_port, target_port, delay):
     async def serve(client_reader, client_writer):
         try:
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1",
-                                                                         target_port)
+            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target_port)
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(pipe(client_reader, server_writer, delay),
-                             pipe(server_reader, client_writer, delay),
-                             return_exceptions=True)
+        await asyncio.gather(
+            pipe(client_reader, server_writer, delay),
+            pipe(server_reader, client_writer, delay),
+            return_exceptions=True,
+        )
 
     server = await asyncio.start_server(serve, "127.0.0.1", listen_port)
     print("ready", flush=True)
@@ -60,6 +61,7 @@ async def main(listen_port, target_port, delay):
 if __name__ == "__main__":
     try:
         import uvloop
+
         uvloop.install()
     except ImportError:
         pass

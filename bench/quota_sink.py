@@ -21,7 +21,7 @@ class QuotaSink:
     def __init__(self, port, rate):
         self.rate = rate
         self.accepted = collections.deque()  # time.monotonic() of the last second's mails
-        self.throttled = 0                   # 454 replies given
+        self.throttled = 0  # 454 replies given
         self.lock = threading.Lock()
         self.sink = TimingSink(port, judge=self._judge)
 

@@ -45,8 +45,15 @@ def work(config_path):
             if row is None:
                 return
             queue_id, job_id, email, subject, body, created_at = row
-            mail = composer.build(dict(job_id=job_id, email=email, subject=subject,
-                                       content_message=body, created_at=created_at))
+            mail = composer.build(
+                dict(
+                    job_id=job_id,
+                    email=email,
+                    subject=subject,
+                    content_message=body,
+                    created_at=created_at,
+                )
+            )
             smtp = smtplib.SMTP(config.smtp.host, config.smtp.port, timeout=config.smtp.timeout)
             smtp.sendmail(mail.sender, list(mail.recipients), mail.data)
             smtp.quit()

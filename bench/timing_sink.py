@@ -17,8 +17,7 @@ import socket
 import threading
 import time
 
-_EHLO = (b"250-timing-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
-         b"250 SMTPUTF8\r\n")
+_EHLO = b"250-timing-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
 
 
 class TimingSink:
@@ -51,18 +50,18 @@ class TimingSink:
                     refusal = self.judge(recipient) if self.judge else None
                     if refusal is None:
                         self.arrivals[recipient] = time.time()
-                    buffer, in_data = buffer[end + 5:], False
+                    buffer, in_data = buffer[end + 5 :], False
                     replies.append(refusal or b"250 ok\r\n")
                     continue
                 end = buffer.find(b"\r\n")
                 if end < 0:
                     break
-                line, buffer = buffer[:end], buffer[end + 2:]
+                line, buffer = buffer[:end], buffer[end + 2 :]
                 verb = line[:4].upper()
                 if verb in (b"EHLO", b"HELO"):
                     replies.append(_EHLO)
                 elif verb == b"RCPT":
-                    recipient = line[line.index(b"<") + 1:line.index(b">")].decode("utf-8")
+                    recipient = line[line.index(b"<") + 1 : line.index(b">")].decode("utf-8")
                     replies.append(b"250 ok\r\n")
                 elif verb == b"DATA":
                     # "\r\n" before the content, so that the end-of-data search

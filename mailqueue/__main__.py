@@ -17,15 +17,17 @@ from mailqueue import admin, cli, dashboard, db, durations, report
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m mailqueue",
-                                     description="Operate the mail queue.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mailqueue", description="Operate the mail queue."
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     for name, add, about in (
-            ("report", report.add_arguments, "statuses, throughput, lag and failures"),
-            ("requeue", admin.add_requeue_arguments, "put dead or failed jobs back"),
-            ("prune", admin.add_prune_arguments, "delete old completed and dead jobs"),
-            ("dashboard", dashboard.add_arguments, "a web page and Prometheus metrics")):
+        ("report", report.add_arguments, "statuses, throughput, lag and failures"),
+        ("requeue", admin.add_requeue_arguments, "put dead or failed jobs back"),
+        ("prune", admin.add_prune_arguments, "delete old completed and dead jobs"),
+        ("dashboard", dashboard.add_arguments, "a web page and Prometheus metrics"),
+    ):
         command = commands.add_parser(name, help=about, description=about)
         cli.add_common_arguments(command)
         add(command)

@@ -31,8 +31,10 @@ class ProgressBar:
             return
         done = min(done, self.total)
         filled = int(self.width * done / self.total)
-        self.stream.write("\r%s [%s%s] %d/%d" % (self.what, "#" * filled,
-                                                 "." * (self.width - filled), done, self.total))
+        self.stream.write(
+            "\r%s [%s%s] %d/%d"
+            % (self.what, "#" * filled, "." * (self.width - filled), done, self.total)
+        )
         self.stream.flush()
 
     def close(self):
@@ -73,8 +75,14 @@ def prune(conn, older_than, dry_run=False, batch=BATCH, stream=None):
         for status in FINISHED:
             after = "-infinity"
             while True:
-                [(count, last)] = db.run(conn, "ops_prune_batch", status=status, after=after,
-                                         older_than=older_than, limit=batch)
+                [(count, last)] = db.run(
+                    conn,
+                    "ops_prune_batch",
+                    status=status,
+                    after=after,
+                    older_than=older_than,
+                    limit=batch,
+                )
                 done += count
                 bar.update(done)
                 if count < batch:
@@ -86,17 +94,22 @@ def prune(conn, older_than, dry_run=False, batch=BATCH, stream=None):
 
 
 def add_requeue_arguments(parser):
-    parser.add_argument("--status", required=True, choices=["dead", "failed"],
-                        help="which jobs to put back")
-    parser.add_argument("--job", type=int, nargs="+", metavar="ID", dest="jobs",
-                        help="only these jobs")
+    parser.add_argument(
+        "--status", required=True, choices=["dead", "failed"], help="which jobs to put back"
+    )
+    parser.add_argument(
+        "--job", type=int, nargs="+", metavar="ID", dest="jobs", help="only these jobs"
+    )
     parser.add_argument("--since", help="only jobs last tried within this long: 30d, 12h, 15m")
     parser.add_argument("--dry-run", action="store_true", help="change nothing; print the count")
 
 
 def add_prune_arguments(parser):
-    parser.add_argument("--older-than", required=True,
-                        help="delete completed and dead jobs that ended longer ago: 30d, 12h, 15m")
+    parser.add_argument(
+        "--older-than",
+        required=True,
+        help="delete completed and dead jobs that ended longer ago: 30d, 12h, 15m",
+    )
     parser.add_argument("--dry-run", action="store_true", help="delete nothing; print the count")
 
 
@@ -111,7 +124,9 @@ def run_requeue(args, conn, since):
 def run_prune(args, conn, older_than):
     count = prune(conn, older_than, args.dry_run)
     if args.dry_run:
-        print("would prune %d job(s) finished more than %s ago (dry run: nothing deleted)"
-              % (count, args.older_than))
+        print(
+            "would prune %d job(s) finished more than %s ago (dry run: nothing deleted)"
+            % (count, args.older_than)
+        )
     else:
         print("pruned %d job(s) finished more than %s ago" % (count, args.older_than))

@@ -28,8 +28,8 @@ class Claims:
         self.clock = clock
         self.changed = threading.Condition()  # notified on every heartbeat and outcome
         self.consumer_id = None
-        self.held = {}       # queue_id -> job, from the claim until its outcome is durable
-        self.lost = set()    # queue_ids held that are no longer ours
+        self.held = {}  # queue_id -> job, from the claim until its outcome is durable
+        self.lost = set()  # queue_ids held that are no longer ours
         self.valid_until = 0.0
 
     def registered(self, consumer_id, sent_at):

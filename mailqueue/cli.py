@@ -13,10 +13,12 @@ LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 
 
 def add_common_arguments(parser):
-    parser.add_argument("--config", default="config.json",
-                        help="configuration file (JSON; default: config.json)")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--config", default="config.json", help="configuration file (JSON; default: config.json)"
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
 
 
 def start(args):
@@ -52,8 +54,10 @@ def wait_for_database(config, stop, what):
         finally:
             db.close_quietly(conn)
         if not ready:
-            raise SystemExit("error: %s has no mail queue tables yet, or older ones: "
-                             "run sql/schema.sql first" % db.where(config.database))
+            raise SystemExit(
+                "error: %s has no mail queue tables yet, or older ones: "
+                "run sql/schema.sql first" % db.where(config.database)
+            )
         return
 
 

@@ -38,10 +38,10 @@ class SmtpSettings:
     port: int = 25
     user: str = ""
     password: str = ""
-    security: str = "none"           # none, starttls or ssl
-    ca_file: Optional[str] = None    # an extra CA to trust; certificates are always verified
-    timeout: float = 30.0            # seconds for connecting and for each SMTP reply
-    data_timeout: float = 600.0      # seconds for the reply to the end of data (RFC 5321 4.5.3.2)
+    security: str = "none"  # none, starttls or ssl
+    ca_file: Optional[str] = None  # an extra CA to trust; certificates are always verified
+    timeout: float = 30.0  # seconds for connecting and for each SMTP reply
+    data_timeout: float = 600.0  # seconds for the reply to the end of data (RFC 5321 4.5.3.2)
     max_messages_per_connection: int = 100  # then a new connection (many relays cap it)
     sender: str = "Mail Queue <noreply@example.com>"
     subject: str = "Message from Mail Queue"
@@ -51,26 +51,30 @@ class SmtpSettings:
 
     def __repr__(self):  # never show the password, even in a traceback
         return "SmtpSettings(host=%r, port=%r, user=%r, security=%r)" % (
-            self.host, self.port, self.user, self.security)
+            self.host,
+            self.port,
+            self.user,
+            self.security,
+        )
 
 
 @dataclass(frozen=True)
 class QueueSettings:
-    max_attempts: int = 5         # sends tried before a job is dead
-    retry_delay: float = 60.0     # seconds before the first retry; doubles each time
+    max_attempts: int = 5  # sends tried before a job is dead
+    retry_delay: float = 60.0  # seconds before the first retry; doubles each time
     max_retry_delay: float = 3600.0  # seconds: the longest wait between retries
-    batch_size: int = 20          # queue rows a consumer claims at once
+    batch_size: int = 20  # queue rows a consumer claims at once
     producer_batch_size: int = 1000  # jobs the producer moves per transaction
-    concurrency: int = 32         # mails in flight at once per consumer, one SMTP connection each
+    concurrency: int = 32  # mails in flight at once per consumer, one SMTP connection each
     processes: Optional[int] = None  # processes they are spread over; None: one per core
     rate_limit: Optional[float] = None  # mails per second across all consumers; None: no limit
-    claim_lease: float = 10.0     # seconds a claim outlives its consumer's last heartbeat
+    claim_lease: float = 10.0  # seconds a claim outlives its consumer's last heartbeat
 
 
 @dataclass(frozen=True)
 class Config:
     path: str
-    database: dict   # keyword arguments for psycopg2.connect (the seed's five keys)
+    database: dict  # keyword arguments for psycopg2.connect (the seed's five keys)
     listen_database: dict  # the same, for LISTEN (a direct connection when database is a pooler)
     smtp: SmtpSettings
     queue: QueueSettings
@@ -81,20 +85,37 @@ class Config:
 
 # key -> (type check, description) for the sections with defaults
 _SMTP_TYPES = {
-    "host": (str,), "port": (int,), "user": (str,), "password": (str,),
-    "security": (str,), "ca_file": (str, type(None)), "timeout": (int, float),
-    "data_timeout": (int, float), "max_messages_per_connection": (int,),
-    "sender": (str,), "subject": (str,), "max_message_bytes": (int, type(None)),
-    "allow_local_domains": (bool,), "dkim": (dict, type(None)),
+    "host": (str,),
+    "port": (int,),
+    "user": (str,),
+    "password": (str,),
+    "security": (str,),
+    "ca_file": (str, type(None)),
+    "timeout": (int, float),
+    "data_timeout": (int, float),
+    "max_messages_per_connection": (int,),
+    "sender": (str,),
+    "subject": (str,),
+    "max_message_bytes": (int, type(None)),
+    "allow_local_domains": (bool,),
+    "dkim": (dict, type(None)),
 }
 _QUEUE_TYPES = {
-    "max_attempts": (int,), "retry_delay": (int, float), "max_retry_delay": (int, float),
-    "batch_size": (int,), "producer_batch_size": (int,), "concurrency": (int,),
-    "processes": (int, type(None)), "rate_limit": (int, float, type(None)),
+    "max_attempts": (int,),
+    "retry_delay": (int, float),
+    "max_retry_delay": (int, float),
+    "batch_size": (int,),
+    "producer_batch_size": (int,),
+    "concurrency": (int,),
+    "processes": (int, type(None)),
+    "rate_limit": (int, float, type(None)),
     "claim_lease": (int, float),
 }
 _DATABASE_TYPES = {
-    "database": (str,), "user": (str,), "password": (str,), "host": (str,),
+    "database": (str,),
+    "user": (str,),
+    "password": (str,),
+    "host": (str,),
     "port": (int, str),
 }
 
@@ -106,8 +127,9 @@ def load(path, environ=None):
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except FileNotFoundError:
-        raise ConfigError("%s: no such file (copy config.example.json to %s and edit it)"
-                          % (path, path)) from None
+        raise ConfigError(
+            "%s: no such file (copy config.example.json to %s and edit it)" % (path, path)
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError("%s: not valid JSON: %s" % (path, exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -139,8 +161,10 @@ def from_dict(raw, path="<config>", environ=None):
             smtp_raw[key] = environ[var]
     smtp = SmtpSettings(**smtp_raw)
     if smtp.security not in SECURITY_MODES:
-        raise ConfigError("%s: smtp.security must be one of %s, not %r"
-                          % (path, ", ".join(SECURITY_MODES), smtp.security))
+        raise ConfigError(
+            "%s: smtp.security must be one of %s, not %r"
+            % (path, ", ".join(SECURITY_MODES), smtp.security)
+        )
     _port(smtp.port, path, "smtp.port")
     for key in ("timeout", "data_timeout"):
         if getattr(smtp, key) <= 0:
@@ -150,8 +174,9 @@ def from_dict(raw, path="<config>", environ=None):
     if smtp.ca_file is not None and not os.path.isfile(smtp.ca_file):
         raise ConfigError("%s: smtp.ca_file %r is not a file" % (path, smtp.ca_file))
     if smtp.max_message_bytes is not None and smtp.max_message_bytes < 1:
-        raise ConfigError("%s: smtp.max_message_bytes must be at least 1 (or null: the "
-                          "server's SIZE only)" % path)
+        raise ConfigError(
+            "%s: smtp.max_message_bytes must be at least 1 (or null: the server's SIZE only)" % path
+        )
     if smtp.dkim is not None:
         try:
             smtp = dataclasses.replace(smtp, dkim=signing.load_key(smtp.dkim))
@@ -172,15 +197,17 @@ def from_dict(raw, path="<config>", environ=None):
     if queue.processes is not None and queue.processes < 1:
         raise ConfigError("%s: queue.processes must be at least 1 (or null: one per core)" % path)
     if queue.rate_limit is not None and queue.rate_limit <= 0:
-        raise ConfigError("%s: queue.rate_limit must be a positive number of mails per second "
-                          "(or null: no limit)" % path)
+        raise ConfigError(
+            "%s: queue.rate_limit must be a positive number of mails per second "
+            "(or null: no limit)" % path
+        )
     if queue.claim_lease < 1:
         raise ConfigError("%s: queue.claim_lease must be at least 1 second" % path)
     if queue.retry_delay < 0 or queue.max_retry_delay < queue.retry_delay:
-        raise ConfigError("%s: queue.retry_delay must be >= 0 and <= queue.max_retry_delay"
-                          % path)
-    return Config(path=path, database=database, listen_database=listen_database, smtp=smtp,
-                  queue=queue)
+        raise ConfigError("%s: queue.retry_delay must be >= 0 and <= queue.max_retry_delay" % path)
+    return Config(
+        path=path, database=database, listen_database=listen_database, smtp=smtp, queue=queue
+    )
 
 
 def _section(raw, name, types, path):
@@ -192,10 +219,18 @@ def _section(raw, name, types, path):
         allowed = types[key]
         # JSON true/false are ints to Python; never accept them as numbers
         if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-            wanted = " or ".join("null" if t is type(None) else
-                                 {"str": "a string", "int": "a whole number",
-                                  "float": "a number", "bool": "true or false",
-                                  "dict": "a JSON object"}[t.__name__] for t in allowed)
+            wanted = " or ".join(
+                "null"
+                if t is type(None)
+                else {
+                    "str": "a string",
+                    "int": "a whole number",
+                    "float": "a number",
+                    "bool": "true or false",
+                    "dict": "a JSON object",
+                }[t.__name__]
+                for t in allowed
+            )
             raise ConfigError("%s: %s%s must be %s" % (path, name + ".", key, wanted))
     return dict(section)
 
@@ -203,8 +238,10 @@ def _section(raw, name, types, path):
 def _no_unknown_keys(section, known, path, prefix):
     unknown = sorted(set(section) - set(known))
     if unknown:
-        raise ConfigError("%s: unknown key %s%s (known: %s)"
-                          % (path, prefix, unknown[0], ", ".join(sorted(known))))
+        raise ConfigError(
+            "%s: unknown key %s%s (known: %s)"
+            % (path, prefix, unknown[0], ", ".join(sorted(known)))
+        )
 
 
 def _port(value, path, key):

@@ -37,20 +37,22 @@ from mailqueue import db, report
 log = logging.getLogger("dashboard")
 
 PASSWORD_ENV = "MAILQUEUE_DASHBOARD_PASSWORD"
-WINDOW = 3600          # seconds: the page's and /metrics' window (the last hour)
-SNAPSHOT_TTL = 2.0     # seconds one snapshot serves every request
-REFRESH_SECONDS = 5    # the page refreshes its figures this often
-LATEST_FAILURES = 20   # rows in the page's table of failures
+WINDOW = 3600  # seconds: the page's and /metrics' window (the last hour)
+SNAPSHOT_TTL = 2.0  # seconds one snapshot serves every request
+REFRESH_SECONDS = 5  # the page refreshes its figures this often
+LATEST_FAILURES = 20  # rows in the page's table of failures
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-STATIC_FILES = {"dashboard.js": "text/javascript; charset=utf-8",
-                "dashboard.css": "text/css; charset=utf-8"}
+STATIC_FILES = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
 OUTCOMES = ("sent", "failed", "dead")
 
 # The page runs nothing but its own script and loads nothing from elsewhere.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "connect-src 'self'; img-src 'self'; base-uri 'none'; "
-                               "form-action 'none'; frame-ancestors 'none'",
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
@@ -62,6 +64,7 @@ class Unavailable(Exception):
 
 
 # ------------------------------------------------------------------ the figures
+
 
 def collect(conn):
     """Everything the page and /metrics show, read now."""
@@ -108,6 +111,7 @@ class Source:
 
 # ------------------------------------------------------------------ the page
 
+
 def mask(address):
     """'alice@example.com' -> 'a***@example.com': enough to tell providers apart."""
     if not address:
@@ -139,17 +143,32 @@ def bars_chart(minutes, width=640, height=170):
         failed_h = inner_h * m["failed"] / peak
         label = "%s: %d sent, %d failed" % (m["minute"].strftime("%H:%M"), m["sent"], m["failed"])
         if m["sent"]:
-            parts.append('<rect class="sent" x="%.1f" y="%.1f" width="%.1f" height="%.1f" '
-                         'fill="#2e9b33"><title>%s</title></rect>'
-                         % (x, top + inner_h - sent_h, step * 0.8, sent_h, _e(label)))
+            parts.append(
+                '<rect class="sent" x="%.1f" y="%.1f" width="%.1f" height="%.1f" '
+                'fill="#2e9b33"><title>%s</title></rect>'
+                % (x, top + inner_h - sent_h, step * 0.8, sent_h, _e(label))
+            )
         if m["failed"]:
-            parts.append('<rect class="failed" x="%.1f" y="%.1f" width="%.1f" height="%.1f" '
-                         'fill="#c62828"><title>%s</title></rect>'
-                         % (x, top + inner_h - sent_h - failed_h, step * 0.8, failed_h, _e(label)))
-    return _frame("chart-throughput", "mails sent (green) and attempts failed (red) per minute",
-                  width, height, left, top, inner_w, inner_h, "%d" % peak, minutes, parts,
-                  'data-sent="%d" data-failed="%d"' % (sum(m["sent"] for m in minutes),
-                                                       sum(m["failed"] for m in minutes)))
+            parts.append(
+                '<rect class="failed" x="%.1f" y="%.1f" width="%.1f" height="%.1f" '
+                'fill="#c62828"><title>%s</title></rect>'
+                % (x, top + inner_h - sent_h - failed_h, step * 0.8, failed_h, _e(label))
+            )
+    return _frame(
+        "chart-throughput",
+        "mails sent (green) and attempts failed (red) per minute",
+        width,
+        height,
+        left,
+        top,
+        inner_w,
+        inner_h,
+        "%d" % peak,
+        minutes,
+        parts,
+        'data-sent="%d" data-failed="%d"'
+        % (sum(m["sent"] for m in minutes), sum(m["failed"] for m in minutes)),
+    )
 
 
 def lag_chart(minutes, width=640, height=170):
@@ -169,34 +188,57 @@ def lag_chart(minutes, width=640, height=170):
             continue
         x, y = left + i * step + step * 0.4, top + inner_h - inner_h * value / peak
         current.append("%.1f,%.1f" % (x, y))
-        dots.append('<circle class="lag" cx="%.1f" cy="%.1f" r="2.5" fill="#1f5fbf">'
-                    '<title>%s: p95 %s</title></circle>'
-                    % (x, y, minutes[i]["minute"].strftime("%H:%M"), _e(_seconds(value))))
+        dots.append(
+            '<circle class="lag" cx="%.1f" cy="%.1f" r="2.5" fill="#1f5fbf">'
+            "<title>%s: p95 %s</title></circle>"
+            % (x, y, minutes[i]["minute"].strftime("%H:%M"), _e(_seconds(value)))
+        )
     if current:
         segments.append(current)
-    parts = ['<polyline class="lag" points="%s" fill="none" stroke="#1f5fbf" stroke-width="2"/>'
-             % " ".join(s) for s in segments] + dots
-    return _frame("chart-lag", "lag p95 per minute (end_time - start_time)", width, height,
-                  left, top, inner_w, inner_h, _seconds(peak), minutes, parts,
-                  'data-points="%d"' % len(dots))
+    parts = [
+        '<polyline class="lag" points="%s" fill="none" stroke="#1f5fbf" stroke-width="2"/>'
+        % " ".join(s)
+        for s in segments
+    ] + dots
+    return _frame(
+        "chart-lag",
+        "lag p95 per minute (end_time - start_time)",
+        width,
+        height,
+        left,
+        top,
+        inner_w,
+        inner_h,
+        _seconds(peak),
+        minutes,
+        parts,
+        'data-points="%d"' % len(dots),
+    )
 
 
-def _frame(chart_id, title, width, height, left, top, inner_w, inner_h, peak_label, minutes,
-           parts, data):
+def _frame(
+    chart_id, title, width, height, left, top, inner_w, inner_h, peak_label, minutes, parts, data
+):
     first = minutes[0]["minute"].strftime("%H:%M") if minutes else ""
     last = minutes[-1]["minute"].strftime("%H:%M") if minutes else ""
-    return "".join([
-        '<svg class="chart" id="%s" %s xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
-        'viewBox="0 0 %d %d" role="img" aria-label="%s"><title>%s</title>'
-        % (chart_id, data, width, height, width, height, _e(title), _e(title)),
-        '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>'
-        % (left, top + inner_h, left + inner_w, top + inner_h),
-        '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>' % (left, top, left, top + inner_h),
-        '<text x="%d" y="%d" text-anchor="end">%s</text>' % (left - 4, top + 8, _e(peak_label)),
-        '<text x="%d" y="%d" text-anchor="end">0</text>' % (left - 4, top + inner_h),
-        '<text x="%d" y="%d">%s</text>' % (left, height - 6, _e(first)),
-        '<text x="%d" y="%d" text-anchor="end">%s</text>' % (left + inner_w, height - 6, _e(last)),
-    ] + parts + ["</svg>"])
+    return "".join(
+        [
+            '<svg class="chart" id="%s" %s xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '  # noqa: E501
+            'viewBox="0 0 %d %d" role="img" aria-label="%s"><title>%s</title>'
+            % (chart_id, data, width, height, width, height, _e(title), _e(title)),
+            '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>'
+            % (left, top + inner_h, left + inner_w, top + inner_h),
+            '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#999"/>'
+            % (left, top, left, top + inner_h),
+            '<text x="%d" y="%d" text-anchor="end">%s</text>' % (left - 4, top + 8, _e(peak_label)),
+            '<text x="%d" y="%d" text-anchor="end">0</text>' % (left - 4, top + inner_h),
+            '<text x="%d" y="%d">%s</text>' % (left, height - 6, _e(first)),
+            '<text x="%d" y="%d" text-anchor="end">%s</text>'
+            % (left + inner_w, height - 6, _e(last)),
+        ]
+        + parts
+        + ["</svg>"]
+    )
 
 
 def panel(figures, show_recipients=False):
@@ -204,56 +246,86 @@ def panel(figures, show_recipients=False):
     tiles = "".join(
         '<div class="tile %s" id="status-%s"><div class="label">%s</div>'
         '<div class="value">%d</div></div>' % (s, s, s, n)
-        for s, n in figures["statuses"].items())
+        for s, n in figures["statuses"].items()
+    )
     lag = figures["lag_seconds"]
     summary = "".join(
         '<div class="tile" id="%s"><div class="label">%s</div><div class="value">%s</div></div>'
-        % (i, _e(label), _e(value)) for i, label, value in (
-        ("backlog", "backlog (due, not yet sent)", figures["backlog"]),
-        ("oldest-waiting", "oldest waiting", _seconds(figures["oldest_waiting_seconds"])
-         if figures["oldest_waiting_seconds"] is not None else "none"),
-        ("sent-last-hour", "sent, last hour", figures["sent"]),
-        ("failed-last-hour", "attempts failed, last hour",
-         figures["deliveries"]["failed"] + figures["deliveries"]["dead"]),
-        ("lag", "lag p50 / p95 / max", "%s / %s / %s" % (_seconds(lag["p50"]),
-                                                         _seconds(lag["p95"]),
-                                                         _seconds(lag["max"])))))
+        % (i, _e(label), _e(value))
+        for i, label, value in (
+            ("backlog", "backlog (due, not yet sent)", figures["backlog"]),
+            (
+                "oldest-waiting",
+                "oldest waiting",
+                _seconds(figures["oldest_waiting_seconds"])
+                if figures["oldest_waiting_seconds"] is not None
+                else "none",
+            ),
+            ("sent-last-hour", "sent, last hour", figures["sent"]),
+            (
+                "failed-last-hour",
+                "attempts failed, last hour",
+                figures["deliveries"]["failed"] + figures["deliveries"]["dead"],
+            ),
+            (
+                "lag",
+                "lag p50 / p95 / max",
+                "%s / %s / %s" % (_seconds(lag["p50"]), _seconds(lag["p95"]), _seconds(lag["max"])),
+            ),
+        )
+    )
     rows = "".join(
         "<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td>"
         '<td class="reason">%s</td></tr>'
-        % (_e(f["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if f["finished_at"] else "-"),
-           _e(f["job_id"]), _e(f["attempt"]), _e(f["outcome"]), _e(f["smtp_code"] or "-"),
-           _e(f["email"] if show_recipients else mask(f["email"])), _e(f["reason"]))
-        for f in figures["latest_failures"])
-    table = ('<table id="failures"><tr><th>when</th><th>job</th><th>attempt</th><th>outcome</th>'
-             '<th>code</th><th>recipient</th><th>reason</th></tr>%s</table>' % rows
-             if rows else '<p id="failures">No attempt has failed.</p>')
-    return "".join([
-        '<p class="updated" id="updated">updated %s</p>'
-        % time.strftime("%H:%M:%S", time.localtime(figures["taken_at"])),
-        '<h2>Jobs</h2><div class="tiles" id="statuses">%s</div>' % tiles,
-        '<h2>Keeping up</h2><div class="tiles">%s</div>' % summary,
-        "<h2>Last hour</h2>",
-        '<p class="caption">Mails sent (green) and attempts failed (red) per minute</p>',
-        bars_chart(figures["per_minute"]),
-        '<p class="caption">Lag p95 per minute (end_time - start_time)</p>',
-        lag_chart(figures["per_minute"]),
-        "<h2>Latest failures</h2>", table,
-    ])
+        % (
+            _e(f["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if f["finished_at"] else "-"),
+            _e(f["job_id"]),
+            _e(f["attempt"]),
+            _e(f["outcome"]),
+            _e(f["smtp_code"] or "-"),
+            _e(f["email"] if show_recipients else mask(f["email"])),
+            _e(f["reason"]),
+        )
+        for f in figures["latest_failures"]
+    )
+    table = (
+        '<table id="failures"><tr><th>when</th><th>job</th><th>attempt</th><th>outcome</th>'
+        "<th>code</th><th>recipient</th><th>reason</th></tr>%s</table>" % rows
+        if rows
+        else '<p id="failures">No attempt has failed.</p>'
+    )
+    return "".join(
+        [
+            '<p class="updated" id="updated">updated %s</p>'
+            % time.strftime("%H:%M:%S", time.localtime(figures["taken_at"])),
+            '<h2>Jobs</h2><div class="tiles" id="statuses">%s</div>' % tiles,
+            '<h2>Keeping up</h2><div class="tiles">%s</div>' % summary,
+            "<h2>Last hour</h2>",
+            '<p class="caption">Mails sent (green) and attempts failed (red) per minute</p>',
+            bars_chart(figures["per_minute"]),
+            '<p class="caption">Lag p95 per minute (end_time - start_time)</p>',
+            lag_chart(figures["per_minute"]),
+            "<h2>Latest failures</h2>",
+            table,
+        ]
+    )
 
 
 def page(figures, where, show_recipients=False):
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<title>Mail queue</title>"
-            "<noscript><meta http-equiv=\"refresh\" content=\"%d\"></noscript>"
-            "<link rel=\"stylesheet\" href=\"static/dashboard.css\"></head>"
-            "<body data-refresh-seconds=\"%d\"><header><h1>Mail queue</h1>"
-            "<span class=\"where\">%s</span></header><main id=\"panel\">%s</main>"
-            "<script src=\"static/dashboard.js\"></script></body></html>"
-            % (REFRESH_SECONDS, REFRESH_SECONDS, _e(where), panel(figures, show_recipients)))
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        "<title>Mail queue</title>"
+        '<noscript><meta http-equiv="refresh" content="%d"></noscript>'
+        '<link rel="stylesheet" href="static/dashboard.css"></head>'
+        '<body data-refresh-seconds="%d"><header><h1>Mail queue</h1>'
+        '<span class="where">%s</span></header><main id="panel">%s</main>'
+        '<script src="static/dashboard.js"></script></body></html>'
+        % (REFRESH_SECONDS, REFRESH_SECONDS, _e(where), panel(figures, show_recipients))
+    )
 
 
 # ------------------------------------------------------------------ /metrics
+
 
 class _Figures:
     """A prometheus_client collector of one snapshot."""
@@ -270,23 +342,30 @@ class _Figures:
         for status, count in f["statuses"].items():
             jobs.add_metric([status], count)
         yield jobs
-        yield GaugeMetricFamily("mailqueue_backlog_jobs",
-                                "Jobs due and not yet sent (available or failed with run_at "
-                                "come, and queued).", value=f["backlog"])
-        yield GaugeMetricFamily("mailqueue_oldest_waiting_seconds",
-                                "How long the oldest job due and not yet sent has waited "
-                                "(0 when none waits).",
-                                value=f["oldest_waiting_seconds"] or 0.0)
-        lag = GaugeMetricFamily("mailqueue_lag_seconds",
-                                "end_time - start_time of the jobs finished in the last hour "
-                                "(NaN when none finished).", labels=["quantile"])
+        yield GaugeMetricFamily(
+            "mailqueue_backlog_jobs",
+            "Jobs due and not yet sent (available or failed with run_at come, and queued).",
+            value=f["backlog"],
+        )
+        yield GaugeMetricFamily(
+            "mailqueue_oldest_waiting_seconds",
+            "How long the oldest job due and not yet sent has waited (0 when none waits).",
+            value=f["oldest_waiting_seconds"] or 0.0,
+        )
+        lag = GaugeMetricFamily(
+            "mailqueue_lag_seconds",
+            "end_time - start_time of the jobs finished in the last hour (NaN when none finished).",
+            labels=["quantile"],
+        )
         for quantile, key in (("0.5", "p50"), ("0.95", "p95"), ("1", "max")):
             value = f["lag_seconds"][key]
             lag.add_metric([quantile], float("nan") if value is None else value)
         yield lag
-        deliveries = GaugeMetricFamily("mailqueue_deliveries_last_hour",
-                                       "Send attempts logged in deliveries in the last hour, "
-                                       "per outcome.", labels=["outcome"])
+        deliveries = GaugeMetricFamily(
+            "mailqueue_deliveries_last_hour",
+            "Send attempts logged in deliveries in the last hour, per outcome.",
+            labels=["outcome"],
+        )
         for outcome, count in f["deliveries"].items():
             deliveries.add_metric([outcome], count)
         yield deliveries
@@ -300,17 +379,22 @@ def metrics(figures):
 
 # ------------------------------------------------------------------ the server
 
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "mailqueue-dashboard"
     sys_version = ""
 
     def do_GET(self):
         if not self.authorised():
-            return self.send(401, b"a password is needed\n", "text/plain; charset=utf-8",
-                             {"WWW-Authenticate": 'Basic realm="mailqueue", charset="UTF-8"'})
+            return self.send(
+                401,
+                b"a password is needed\n",
+                "text/plain; charset=utf-8",
+                {"WWW-Authenticate": 'Basic realm="mailqueue", charset="UTF-8"'},
+            )
         path = self.path.split("?", 1)[0]
-        if path.startswith("/static/") and path[len("/static/"):] in STATIC_FILES:
-            name = path[len("/static/"):]
+        if path.startswith("/static/") and path[len("/static/") :] in STATIC_FILES:
+            name = path[len("/static/") :]
             with open(os.path.join(STATIC, name), "rb") as f:
                 return self.send(200, f.read(), STATIC_FILES[name])
         if path not in ("/", "/panel", "/metrics"):
@@ -319,8 +403,9 @@ class Handler(BaseHTTPRequestHandler):
             figures = self.server.source.get()
         except Unavailable as exc:
             log.warning("%s", exc)
-            return self.send(503, ("unavailable: %s\n" % exc).encode("utf-8"),
-                             "text/plain; charset=utf-8")
+            return self.send(
+                503, ("unavailable: %s\n" % exc).encode("utf-8"), "text/plain; charset=utf-8"
+            )
         if path == "/metrics":
             return self.send(200, metrics(figures), CONTENT_TYPE_LATEST)
         if path == "/panel":
@@ -371,8 +456,10 @@ def serve(config, host, port, show_recipients=False, environ=None):
     environ = os.environ if environ is None else environ
     password = environ.get(PASSWORD_ENV, "")
     if not is_loopback(host) and not password:
-        raise SystemExit("error: the dashboard on %s would be open to others: set %s "
-                         "(HTTP basic auth), or keep it on 127.0.0.1" % (host, PASSWORD_ENV))
+        raise SystemExit(
+            "error: the dashboard on %s would be open to others: set %s "
+            "(HTTP basic auth), or keep it on 127.0.0.1" % (host, PASSWORD_ENV)
+        )
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
@@ -381,8 +468,9 @@ def serve(config, host, port, show_recipients=False, environ=None):
     try:
         server = Server((host, port), Handler)
     except OSError as exc:
-        raise SystemExit("error: cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc)) \
-            from None
+        raise SystemExit(
+            "error: cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc)
+        ) from None
     server.source = Source(config.database)
     server.password = password
     server.show_recipients = show_recipients
@@ -391,24 +479,34 @@ def serve(config, host, port, show_recipients=False, environ=None):
 
 
 def add_arguments(parser):
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; any other needs %s)"
-                        % PASSWORD_ENV)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other needs %s)" % PASSWORD_ENV,
+    )
     parser.add_argument("--port", type=int, default=8025, help="port (default 8025)")
-    parser.add_argument("--show-recipients", action="store_true",
-                        help="show recipients in the table of failures (masked by default)")
+    parser.add_argument(
+        "--show-recipients",
+        action="store_true",
+        help="show recipients in the table of failures (masked by default)",
+    )
 
 
 def run(args, config):
     server = serve(config, args.host, args.port, args.show_recipients)
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
-    log.info("dashboard at http://%s:%d/ (metrics at /metrics), reading %s",
-             shown, port, db.where(config.database))
+    log.info(
+        "dashboard at http://%s:%d/ (metrics at /metrics), reading %s",
+        shown,
+        port,
+        db.where(config.database),
+    )
     # SIGTERM stops it as Ctrl-C does (shutdown() waits for serve_forever, so
     # not from the handler, which runs on serve_forever's own thread).
-    signal.signal(signal.SIGTERM,
-                  lambda signum, frame: threading.Thread(target=server.shutdown).start())
+    signal.signal(
+        signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown).start()
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -20,13 +20,14 @@ CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 Error = psycopg2.Error  # anything a query can raise
 
 # TCP keepalives find a connection whose server or network died silently.
-_CONNECT_OPTIONS = dict(connect_timeout=10, keepalives=1, keepalives_idle=10,
-                        keepalives_interval=5, keepalives_count=3)
+_CONNECT_OPTIONS = dict(
+    connect_timeout=10, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3
+)
 
 _HEADER = re.compile(r"^-- (\w+) --$", re.MULTILINE)
 
 
-def load_queries(path=os.path.join(SQL_DIR, "queries.sql")):
+def load_queries(path=os.path.join(SQL_DIR, "queries.sql")):  # noqa: B008
     """{name: sql} from a file of `-- name --` headers, each followed by one query."""
     with open(path, encoding="utf-8") as f:
         parts = _HEADER.split(f.read())
@@ -49,6 +50,7 @@ _NO_FLUSH = "SET LOCAL synchronous_commit TO off; "
 
 class Connection(psycopg2.extensions.connection):
     """A connection that knows whether its commits wait for the disk."""
+
     no_flush = False
 
 
@@ -90,9 +92,12 @@ def connect(database_settings, application_name, wait_for_flush=True):
     a consumer's claim, which waits for the disk, makes every move before it
     durable too, the WAL being one sequence)."""
     try:
-        conn = psycopg2.connect(application_name=application_name,
-                                connection_factory=Connection,
-                                **_CONNECT_OPTIONS, **database_settings)
+        conn = psycopg2.connect(
+            application_name=application_name,
+            connection_factory=Connection,
+            **_CONNECT_OPTIONS,
+            **database_settings,
+        )
     except psycopg2.Error as exc:
         raise DatabaseUnavailable(describe(exc, database_settings), is_fatal(exc)) from None
     conn.autocommit = True
@@ -109,9 +114,14 @@ def is_fatal(exc):
 
 
 _FATAL_CONNECT_ERRORS = (
-    "password authentication failed", "no password supplied", "does not exist",
-    "no pg_hba.conf entry", "authentication failed", "permission denied",
-    "invalid connection option", "unsupported startup parameter",
+    "password authentication failed",
+    "no password supplied",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "authentication failed",
+    "permission denied",
+    "invalid connection option",
+    "unsupported startup parameter",
 )
 
 
@@ -128,9 +138,11 @@ def describe(exc, database_settings=None):
 
 def where(database_settings):
     """'database NAME at HOST:PORT', for messages."""
-    return "database %s at %s:%s" % (database_settings.get("database", "?"),
-                                     database_settings.get("host", "localhost"),
-                                     database_settings.get("port", 5432))
+    return "database %s at %s:%s" % (
+        database_settings.get("database", "?"),
+        database_settings.get("host", "localhost"),
+        database_settings.get("port", 5432),
+    )
 
 
 def close_quietly(conn):

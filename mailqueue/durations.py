@@ -15,6 +15,8 @@ def parse(text, what="duration"):
     zero included (a window or an age of nothing is always a mistake)."""
     found = _DURATION.match(text or "")
     if not found or int(found.group(1)) == 0:
-        raise BadDuration("%s %r is not a duration: write a whole number of days, hours "
-                          "or minutes, e.g. 30d, 12h or 15m" % (what, text))
+        raise BadDuration(
+            "%s %r is not a duration: write a whole number of days, hours "
+            "or minutes, e.g. 30d, 12h or 15m" % (what, text)
+        )
     return int(found.group(1)) * UNITS[found.group(2)]

@@ -16,11 +16,11 @@ import time
 
 log = logging.getLogger(__name__)
 
-MIN_RATE = 1.0           # mails per second: never slower than this
-CUT_COOLDOWN = 1.0       # seconds: throttled replies within this time of a cut are one event
-STEP_INTERVAL = 1.0      # seconds between two speed-ups
-RECOVERED_AFTER = 10.0   # seconds without throttling, past the old ceiling: no limit
-MEASURE_WINDOW = 2.0     # seconds of sent mails over which the rate is measured
+MIN_RATE = 1.0  # mails per second: never slower than this
+CUT_COOLDOWN = 1.0  # seconds: throttled replies within this time of a cut are one event
+STEP_INTERVAL = 1.0  # seconds between two speed-ups
+RECOVERED_AFTER = 10.0  # seconds without throttling, past the old ceiling: no limit
+MEASURE_WINDOW = 2.0  # seconds of sent mails over which the rate is measured
 
 
 class TokenBucket:
@@ -69,8 +69,8 @@ class Governor:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self.lock = threading.Lock()
-        self.bucket = None          # None: no limit
-        self.ceiling = None         # the rate at which the server last throttled us
+        self.bucket = None  # None: no limit
+        self.ceiling = None  # the rate at which the server last throttled us
         self.last_cut = -CUT_COOLDOWN
         self.last_step = 0.0
         self.last_throttled = 0.0
@@ -110,8 +110,9 @@ class Governor:
         self.ceiling = current
         new_rate = max(MIN_RATE, current / 2)
         if self.bucket is None:
-            log.warning("the SMTP server throttles us (%s): slowing down to %.1f mails/s",
-                        reason, new_rate)
+            log.warning(
+                "the SMTP server throttles us (%s): slowing down to %.1f mails/s", reason, new_rate
+            )
             self.bucket = TokenBucket(new_rate, burst_for(new_rate), self.clock)
             self.bucket.tokens = 0
         else:

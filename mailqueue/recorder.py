@@ -29,8 +29,8 @@ from mailqueue import db
 
 log = logging.getLogger(__name__)
 
-RETRY_MIN = 0.5        # seconds: first wait after a failed commit or heartbeat
-RETRY_MAX = 30.0       # seconds: the wait doubles up to this
+RETRY_MIN = 0.5  # seconds: first wait after a failed commit or heartbeat
+RETRY_MAX = 30.0  # seconds: the wait doubles up to this
 COMPLAIN_EVERY = 30.0  # seconds between two log lines about the same trouble
 MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
 
@@ -39,10 +39,10 @@ MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
 class Outcome:
     queue_id: int
     job_id: int
-    kind: str                  # sent, failed, dead, released or dropped (see record_outcomes)
-    attempted: int = 0         # 1 when a send was attempted
+    kind: str  # sent, failed, dead, released or dropped (see record_outcomes)
+    attempted: int = 0  # 1 when a send was attempted
     error: Optional[str] = None
-    delay: float = 0.0         # failed: seconds until the retry
+    delay: float = 0.0  # failed: seconds until the retry
     smtp_code: Optional[int] = None
     started: Optional[float] = None  # time.time() when the attempt began
 
@@ -51,6 +51,7 @@ class Ticket:
     """Whether an outcome handed to the recorder is durable yet. `durable` is
     set with `done`: the one thread waiting for this outcome wakes, not all of
     them (each commit used to wake every thread at the gate)."""
+
     __slots__ = ("done", "durable")
 
     def __init__(self):
@@ -69,7 +70,7 @@ class Recorder:
         self.wakeup = threading.Condition()
         self.closing = False
         self.deadline = 0.0
-        self.gave_up = 0   # outcomes that could not be recorded before the end
+        self.gave_up = 0  # outcomes that could not be recorded before the end
         self.conn = None
         self.next_beat = 0.0
         self.trouble = _Complaints()
@@ -80,8 +81,9 @@ class Recorder:
 
     def submit(self, outcome):
         if outcome.error is not None:  # for people, and PostgreSQL text cannot hold NUL
-            outcome.error = "".join(c if c >= " " or c in "\t" else " "
-                                    for c in outcome.error)[:MAX_ERROR_CHARS]
+            outcome.error = "".join(c if c >= " " or c in "\t" else " " for c in outcome.error)[
+                :MAX_ERROR_CHARS
+            ]
         ticket = Ticket()
         with self.wakeup:
             self.pending.append((outcome, ticket))
@@ -104,16 +106,18 @@ class Recorder:
                 db.run(conn, "retire_consumer", consumer=consumer_id)
                 db.run(conn, "ring_consumers")
             except (db.Error, db.DatabaseUnavailable) as exc:
-                log.warning("could not hand back the unsent claims (%s): they come back "
-                            "when the lease runs out", _describe(exc))
+                log.warning(
+                    "could not hand back the unsent claims (%s): they come back "
+                    "when the lease runs out",
+                    _describe(exc),
+                )
         db.close_quietly(self.conn)
         self.conn = None
 
     def _run(self):
         while True:
             with self.wakeup:
-                while not self.pending and not self.closing and \
-                        time.monotonic() < self.next_beat:
+                while not self.pending and not self.closing and time.monotonic() < self.next_beat:
                     self.wakeup.wait(self.next_beat - time.monotonic())
                 group, self.pending = self.pending, []
                 closing = self.closing
@@ -132,19 +136,27 @@ class Recorder:
         while True:
             try:
                 conn = self._connection()
-                db.run(conn, "record_outcomes", consumer=self.claims.consumer_id or -1,
-                       **_columns(outcomes))
+                db.run(
+                    conn,
+                    "record_outcomes",
+                    consumer=self.claims.consumer_id or -1,
+                    **_columns(outcomes),
+                )
                 if any(o.kind == "released" for o in outcomes):
                     db.run(conn, "ring_consumers")  # rows are back: tell the others
                 break
             except (db.Error, db.DatabaseUnavailable) as exc:
                 self._lost(exc)
-                self.trouble.say("cannot record %d outcome(s) (%s); the mails wait, unsent, "
-                                 "until they are recorded" % (len(outcomes), _describe(exc)))
+                self.trouble.say(
+                    "cannot record %d outcome(s) (%s); the mails wait, unsent, "
+                    "until they are recorded" % (len(outcomes), _describe(exc))
+                )
                 if self.closing and time.monotonic() > self.deadline:
                     self.gave_up += len(outcomes)
-                    log.error("stopping with %d mail(s) sent but not recorded: they will be "
-                              "sent again", len(outcomes))
+                    log.error(
+                        "stopping with %d mail(s) sent but not recorded: they will be sent again",
+                        len(outcomes),
+                    )
                     return
                 self._wait_beating(delay * random.uniform(1.0, 1.5))
                 delay = min(delay * 2, RETRY_MAX)
@@ -163,17 +175,22 @@ class Recorder:
             return
         sent_at = time.monotonic()
         try:
-            alive, lost = db.run(self._connection(), "heartbeat", consumer=consumer_id,
-                                 held=self.claims.held_ids())[0]
+            alive, lost = db.run(
+                self._connection(), "heartbeat", consumer=consumer_id, held=self.claims.held_ids()
+            )[0]
         except (db.Error, db.DatabaseUnavailable) as exc:
             self._lost(exc)
-            self.trouble.say("heartbeat failed (%s); sending stops if it keeps failing"
-                             % _describe(exc))
+            self.trouble.say(
+                "heartbeat failed (%s); sending stops if it keeps failing" % _describe(exc)
+            )
             self.next_beat = time.monotonic() + RETRY_MIN
             return
         if not alive:
-            log.warning("this consumer's claims ran out (no heartbeat for %g s) and were "
-                        "freed for others; its unsent mails are theirs now", self.claims.lease)
+            log.warning(
+                "this consumer's claims ran out (no heartbeat for %g s) and were "
+                "freed for others; its unsent mails are theirs now",
+                self.claims.lease,
+            )
         self.claims.beat(sent_at, alive, lost)
         self.next_beat = sent_at + self.beat_interval
 
@@ -205,12 +222,16 @@ class Recorder:
 
 def _columns(outcomes):
     """record_outcomes' parameters: one array per field, one element per mail."""
-    return dict(queue_ids=[o.queue_id for o in outcomes], job_ids=[o.job_id for o in outcomes],
-                kinds=[o.kind for o in outcomes], attempted=[o.attempted for o in outcomes],
-                errors=[o.error for o in outcomes], delays=[float(o.delay) for o in outcomes],
-                codes=[o.smtp_code for o in outcomes],
-                started=[o.started if o.started is not None else time.time()
-                         for o in outcomes])
+    return dict(
+        queue_ids=[o.queue_id for o in outcomes],
+        job_ids=[o.job_id for o in outcomes],
+        kinds=[o.kind for o in outcomes],
+        attempted=[o.attempted for o in outcomes],
+        errors=[o.error for o in outcomes],
+        delays=[float(o.delay) for o in outcomes],
+        codes=[o.smtp_code for o in outcomes],
+        started=[o.started if o.started is not None else time.time() for o in outcomes],
+    )
 
 
 def _describe(exc):

@@ -48,9 +48,12 @@ def as_text(report, window):
         "  sent       %10d  (%.1f per minute)" % (report["sent"], report["sent_per_minute"]),
         "  lag        p50 %s, p95 %s, max %s  (end_time - start_time)"
         % tuple(_shown(lag[k]) for k in ("p50", "p95", "max")),
-        "Oldest job waiting: %s" % (_shown(report["oldest_waiting_seconds"])
-                                    if report["oldest_waiting_seconds"] is not None
-                                    else "none is waiting"),
+        "Oldest job waiting: %s"
+        % (
+            _shown(report["oldest_waiting_seconds"])
+            if report["oldest_waiting_seconds"] is not None
+            else "none is waiting"
+        ),
     ]
     if report["failures"]:
         lines.append("Why attempts failed (jobs, reason):")
@@ -71,8 +74,7 @@ def _shown(seconds):
 
 
 def add_arguments(parser):
-    parser.add_argument("--since", default="1h",
-                        help="the window: 30d, 12h, 15m ... (default: 1h)")
+    parser.add_argument("--since", default="1h", help="the window: 30d, 12h, 15m ... (default: 1h)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -38,8 +38,9 @@ class SendError(Exception):
     and free of personal data (for logs); str(self) is the full reason (for
     last_error); `code` is the server's reply code, if there was one."""
 
-    def __init__(self, text, permanent=False, summary="", code=None, throttled=False,
-                 unknown=False):
+    def __init__(
+        self, text, permanent=False, summary="", code=None, throttled=False, unknown=False
+    ):
         super().__init__(text)
         self.permanent = permanent
         self.summary = summary or text
@@ -72,7 +73,9 @@ class SmtpUnavailable(Exception):
 THROTTLING_CODES = (421, 450, 451, 452, 454)
 _THROTTLING_TEXT = re.compile(
     r"throttl|\brate\b|too many (messages|mails|emails|recipients)|try again later"
-    r"|slow down|sending limit", re.IGNORECASE)
+    r"|slow down|sending limit",
+    re.IGNORECASE,
+)
 
 
 def is_throttling(code, text):
@@ -90,8 +93,8 @@ class Sender:
         self.settings = smtp_settings
         self.connection = None
         self.mails_on_connection = 0  # mails whose content went on this connection
-        self.fresh = False            # the connection was opened for the mail under way
-        self._replies = None          # envelope replies already read (no PIPELINING)
+        self.fresh = False  # the connection was opened for the mail under way
+        self._replies = None  # envelope replies already read (no PIPELINING)
 
     @property
     def connected(self):
@@ -104,8 +107,9 @@ class Sender:
         s = self.settings
         try:
             if s.security == "ssl":
-                conn = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout,
-                                        context=_tls_context(s.ca_file))
+                conn = smtplib.SMTP_SSL(
+                    s.host, s.port, timeout=s.timeout, context=_tls_context(s.ca_file)
+                )
             else:
                 conn = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
             try:
@@ -120,23 +124,29 @@ class Sender:
                 _close_quietly(conn)
                 raise
         except smtplib.SMTPAuthenticationError as exc:
-            raise SmtpUnavailable("SMTP login as %r refused: %s" % (s.user, _reply(exc)),
-                                  retryable=False) from None
+            raise SmtpUnavailable(
+                "SMTP login as %r refused: %s" % (s.user, _reply(exc)), retryable=False
+            ) from None
         except smtplib.SMTPNotSupportedError as exc:
-            raise SmtpUnavailable("SMTP server %s:%s: %s" % (s.host, s.port, exc),
-                                  retryable=False) from None
+            raise SmtpUnavailable(
+                "SMTP server %s:%s: %s" % (s.host, s.port, exc), retryable=False
+            ) from None
         except ssl.SSLCertVerificationError as exc:
-            raise SmtpUnavailable("TLS with SMTP server %s:%s failed: %s"
-                                  % (s.host, s.port, exc), retryable=False) from None
+            raise SmtpUnavailable(
+                "TLS with SMTP server %s:%s failed: %s" % (s.host, s.port, exc), retryable=False
+            ) from None
         except ssl.SSLError as exc:
-            raise SmtpUnavailable("TLS with SMTP server %s:%s failed: %s"
-                                  % (s.host, s.port, exc)) from None
+            raise SmtpUnavailable(
+                "TLS with SMTP server %s:%s failed: %s" % (s.host, s.port, exc)
+            ) from None
         except smtplib.SMTPResponseException as exc:
-            raise SmtpUnavailable("SMTP server %s:%s refused the session: %s"
-                                  % (s.host, s.port, _reply(exc))) from None
+            raise SmtpUnavailable(
+                "SMTP server %s:%s refused the session: %s" % (s.host, s.port, _reply(exc))
+            ) from None
         except (smtplib.SMTPException, OSError) as exc:
-            raise SmtpUnavailable("cannot reach SMTP server %s:%s: %s"
-                                  % (s.host, s.port, exc or type(exc).__name__)) from None
+            raise SmtpUnavailable(
+                "cannot reach SMTP server %s:%s: %s" % (s.host, s.port, exc or type(exc).__name__)
+            ) from None
         self.connection = conn
         self.mails_on_connection = 0
 
@@ -150,8 +160,11 @@ class Sender:
         self.connect()
         conn = self.connection
         if mail.smtputf8 and not conn.has_extn("smtputf8"):
-            raise SendError("an address is not ASCII and the SMTP server does not offer "
-                            "SMTPUTF8", permanent=True, summary="no SMTPUTF8")
+            raise SendError(
+                "an address is not ASCII and the SMTP server does not offer SMTPUTF8",
+                permanent=True,
+                summary="no SMTPUTF8",
+            )
         limits = []
         size = conn.esmtp_features.get("size", "").strip()
         if size.isdigit() and int(size) > 0:
@@ -161,9 +174,12 @@ class Sender:
             limits.append((configured, "smtp.max_message_bytes"))
         for limit, what in limits:
             if len(mail.data) > limit:
-                raise SendError("the message is %d bytes, more than %s of %d bytes"
-                                % (len(mail.data), what, limit), permanent=True,
-                                summary="message too large")
+                raise SendError(
+                    "the message is %d bytes, more than %s of %d bytes"
+                    % (len(mail.data), what, limit),
+                    permanent=True,
+                    summary="message too large",
+                )
 
     def begin(self, mail):
         """Write the mail's envelope (MAIL FROM, RCPT TO..., DATA) in one go when
@@ -224,17 +240,23 @@ class Sender:
                 self.close()  # the sender was refused, and the server hung up
         (mail_code, mail_text) = replies[0]
         if mail_code != 250:
-            if mail_code == 421 and not self.fresh and not is_throttling(
-                    mail_code, _text(mail_text)):
+            if (
+                mail_code == 421
+                and not self.fresh
+                and not is_throttling(mail_code, _text(mail_text))
+            ):
                 # A reused connection the relay is closing: go on on a new one.
                 self.close()
-                raise EnvelopeLost("the SMTP server closed the connection: %s"
-                                   % _reply_text(mail_code, mail_text))
+                raise EnvelopeLost(
+                    "the SMTP server closed the connection: %s" % _reply_text(mail_code, mail_text)
+                )
             raise self._refused(mail_code, mail_text, "sender refused")
-        rcpt_replies = replies[1:1 + len(mail.recipients)]
-        refused = ["%s: %s" % (rcpt, _reply_text(code, text))
-                   for rcpt, (code, text) in zip(mail.recipients, rcpt_replies)
-                   if code not in (250, 251)]
+        rcpt_replies = replies[1 : 1 + len(mail.recipients)]
+        refused = [
+            "%s: %s" % (rcpt, _reply_text(code, text))
+            for rcpt, (code, text) in zip(mail.recipients, rcpt_replies)
+            if code not in (250, 251)
+        ]
         accepted = len(rcpt_replies) - len(refused)
         data_code, data_text = replies[-1] if len(replies) == expected else (None, b"")
         if accepted == 0:
@@ -263,9 +285,12 @@ class Sender:
             conn.send(b"".join(payload))
         except OSError as exc:
             self.close()
-            raise SendError("the connection failed while the content was being sent (%s): "
-                            "the server may have accepted the mail" % _describe(exc),
-                            summary="connection failed", unknown=True) from None
+            raise SendError(
+                "the connection failed while the content was being sent (%s): "
+                "the server may have accepted the mail" % _describe(exc),
+                summary="connection failed",
+                unknown=True,
+            ) from None
         self.mails_on_connection += 1
         self.fresh = False
         try:
@@ -278,14 +303,17 @@ class Sender:
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
             self.close()
             if _timed_out(exc):
-                reason = ("no reply to the end of data within %g s (smtp.data_timeout)"
-                          % self.settings.data_timeout)
+                reason = (
+                    "no reply to the end of data within %g s (smtp.data_timeout)"
+                    % self.settings.data_timeout
+                )
                 summary = "no reply to the end of data"
             else:
                 reason = "the connection was lost before the reply to the end of data"
                 summary = "connection lost"
-            raise SendError("%s: the server may have accepted it" % reason, summary=summary,
-                            unknown=True) from None
+            raise SendError(
+                "%s: the server may have accepted it" % reason, summary=summary, unknown=True
+            ) from None
         if then is not None and not self.pipelining:
             try:
                 self.begin(then)  # now that the server is ready for it
@@ -306,8 +334,9 @@ class Sender:
 
     def _lost(self, exc):
         self.close()
-        raise EnvelopeLost("the SMTP connection failed before the content was sent: %s"
-                           % _describe(exc)) from None
+        raise EnvelopeLost(
+            "the SMTP connection failed before the content was sent: %s" % _describe(exc)
+        ) from None
 
     def _refused(self, code, message, what, reset=True):
         """The server answered with an error: 5xx is permanent, anything else is not."""
@@ -319,9 +348,13 @@ class Sender:
                 self.connection.rset()  # end this mail's transaction, keep the connection
             except (OSError, smtplib.SMTPException):
                 self.close()
-        return SendError("%s: %s" % (what, _reply_text(code, text)),
-                         permanent=500 <= code < 600, summary="%s %d" % (what, code),
-                         code=code if code > 0 else None, throttled=is_throttling(code, text))
+        return SendError(
+            "%s: %s" % (what, _reply_text(code, text)),
+            permanent=500 <= code < 600,
+            summary="%s %d" % (what, code),
+            code=code if code > 0 else None,
+            throttled=is_throttling(code, text),
+        )
 
     def abort(self):
         """Drop the connection without a word: a mail whose content has not ended
@@ -345,8 +378,10 @@ def _login(conn, user, password):
         return
     # smtplib encodes credentials as ASCII; AUTH PLAIN carries UTF-8 (RFC 4616).
     if "plain" not in conn.esmtp_features.get("auth", "").lower().split():
-        raise smtplib.SMTPException("the user name or password is not ASCII, which needs "
-                                    "AUTH PLAIN, and the server does not offer it")
+        raise smtplib.SMTPException(
+            "the user name or password is not ASCII, which needs "
+            "AUTH PLAIN, and the server does not offer it"
+        )
     token = base64.b64encode(("\0%s\0%s" % (user, password)).encode("utf-8"))
     code, reply = conn.docmd("AUTH", "PLAIN " + token.decode("ascii"))
     if code != 235:

@@ -43,9 +43,11 @@ def run_processes(config, stop, sizes, drain_only, make_consumer):
 
     def start(slot):
         consumer_ids[slot] = 0
-        process = context.Process(target=_process_main, name="consumer-%d" % slot,
-                                  args=(stop, os.getpid(), make_consumer, sizes[slot],
-                                        consumer_ids, slot, drain_only))
+        process = context.Process(
+            target=_process_main,
+            name="consumer-%d" % slot,
+            args=(stop, os.getpid(), make_consumer, sizes[slot], consumer_ids, slot, drain_only),
+        )
         process.start()
         return process
 
@@ -61,8 +63,11 @@ def run_processes(config, stop, sizes, drain_only, make_consumer):
                     continue
                 if stop.requested:
                     break
-                log.warning("process %d exited with code %s; starting another",
-                            process.pid, process.exitcode)
+                log.warning(
+                    "process %d exited with code %s; starting another",
+                    process.pid,
+                    process.exitcode,
+                )
                 free_claims_of(config, consumer_ids[slot])
                 stop.sleep(RESTART_DELAY)
                 processes[slot] = start(slot)
@@ -84,8 +89,11 @@ def free_claims_of(config, consumer_id):
         db.run(conn, "retire_consumer", consumer=consumer_id)
         db.run(conn, "ring_consumers")
     except (db.Error, db.DatabaseUnavailable) as exc:
-        log.warning("could not free the claims of the process that died (%s): they come "
-                    "back when its lease runs out", exc)
+        log.warning(
+            "could not free the claims of the process that died (%s): they come "
+            "back when its lease runs out",
+            exc,
+        )
     finally:
         db.close_quietly(conn)
 

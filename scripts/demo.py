@@ -26,8 +26,12 @@ sys.path.insert(0, ROOT)
 from mailqueue.devservers import SmtpSink, ThrowawayPostgres, apply_schema  # noqa: E402
 
 SUBJECTS = [
-    "Xác nhận đơn hàng của bạn", "Chào mừng bạn đến với cửa hàng", "Your order has shipped",
-    "Nhắc lịch hẹn ngày mai", "Password reset requested", None,
+    "Xác nhận đơn hàng của bạn",
+    "Chào mừng bạn đến với cửa hàng",
+    "Your order has shipped",
+    "Nhắc lịch hẹn ngày mai",
+    "Password reset requested",
+    None,
 ]
 BODIES = [
     "Xin chào {name},\n\nCảm ơn bạn đã đặt hàng. Đơn hàng số {n} đang được chuẩn bị.\n\n"
@@ -44,8 +48,13 @@ def sample_jobs(count):
     jobs = []
     for n in range(count - len(BAD_ADDRESSES)):
         name = rng.choice(NAMES)
-        jobs.append(("customer%d@example.com" % n, rng.choice(BODIES).format(name=name, n=n),
-                     rng.choice(SUBJECTS)))
+        jobs.append(
+            (
+                "customer%d@example.com" % n,
+                rng.choice(BODIES).format(name=name, n=n),
+                rng.choice(SUBJECTS),
+            )
+        )
     jobs += [(address, "this one cannot be sent", "Bad address") for address in BAD_ADDRESSES]
     return jobs
 
@@ -87,22 +96,33 @@ def logo_png(size=48):
         rows.append(bytes(row))
 
     def chunk(kind, data):
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def invoice_pdf(n):
     """A one-page PDF that says which order it is for."""
     text = b"BT /F1 24 Tf 72 720 Td (Invoice for order %d) Tj ET" % n
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
-               b"/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-               b"<< /Length %d >>\nstream\n%s\nendstream" % (len(text), text)]
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+        b"/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(text), text),
+    ]
     pdf, offsets = b"%PDF-1.4\n", []
     for number, body in enumerate(objects, 1):
         offsets.append(len(pdf))
@@ -111,7 +131,9 @@ def invoice_pdf(n):
     pdf += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     pdf += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     pdf += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
+        len(objects) + 1,
+        xref,
+    )
     return pdf
 
 
@@ -120,12 +142,23 @@ def insert_html_jobs(cur, count):
     logo = psycopg2.Binary(logo_png())
     for n in range(count):
         name = NAMES[n % len(NAMES)]
-        cur.execute(INSERT_HTML_JOB, dict(
-            email="html%d@example.com" % n, subject="Hoá đơn cho đơn hàng %d" % n,
-            html=HTML_INVOICE.format(name=name, n=n), logo=logo,
-            pdf_name="Hoá đơn %d.pdf" % n, pdf=psycopg2.Binary(invoice_pdf(n)),
-            headers=json.dumps({"List-Unsubscribe": "<https://shop.example.org/unsubscribe>",
-                                "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"})))
+        cur.execute(
+            INSERT_HTML_JOB,
+            dict(
+                email="html%d@example.com" % n,
+                subject="Hoá đơn cho đơn hàng %d" % n,
+                html=HTML_INVOICE.format(name=name, n=n),
+                logo=logo,
+                pdf_name="Hoá đơn %d.pdf" % n,
+                pdf=psycopg2.Binary(invoice_pdf(n)),
+                headers=json.dumps(
+                    {
+                        "List-Unsubscribe": "<https://shop.example.org/unsubscribe>",
+                        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+                    }
+                ),
+            ),
+        )
 
 
 def progress(done, total, width=40):
@@ -138,15 +171,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500, help="how many sample jobs")
     parser.add_argument("--consumers", type=int, default=2, help="consumer processes")
-    parser.add_argument("--dashboard", action="store_true",  # issue 13
-                        help="at the end, serve the dashboard on the demo's database until Ctrl-C")
-    parser.add_argument("--output", default=os.path.join(ROOT, "demo-output"),
-                        help="folder for the Maildir, the config and the logs")
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",  # issue 13
+        help="at the end, serve the dashboard on the demo's database until Ctrl-C",
+    )
+    parser.add_argument(
+        "--output",
+        default=os.path.join(ROOT, "demo-output"),
+        help="folder for the Maildir, the config and the logs",
+    )
     args = parser.parse_args()
     os.makedirs(args.output, exist_ok=True)
     maildir = os.path.join(args.output, "Maildir")
     if os.path.isdir(maildir):
         import shutil
+
         shutil.rmtree(maildir)
 
     print("Starting a throwaway PostgreSQL and a local SMTP server ...")
@@ -158,36 +198,54 @@ def main():
         apply_schema(pg.dsn("mailqueue"))
         config_path = os.path.join(args.output, "config.json")
         with open(config_path, "w", encoding="utf-8") as f:
-            json.dump({"database": pg.settings_for("mailqueue"),
-                       "smtp": {"host": "127.0.0.1", "port": smtp.port}}, f, indent=2)
-        print("  PostgreSQL %s on 127.0.0.1:%d, SMTP on 127.0.0.1:%d"
-              % (pg.version(), pg.port, smtp.port))
+            json.dump(
+                {
+                    "database": pg.settings_for("mailqueue"),
+                    "smtp": {"host": "127.0.0.1", "port": smtp.port},
+                },
+                f,
+                indent=2,
+            )
+        print(
+            "  PostgreSQL %s on 127.0.0.1:%d, SMTP on 127.0.0.1:%d"
+            % (pg.version(), pg.port, smtp.port)
+        )
 
         db = psycopg2.connect(pg.dsn("mailqueue"))
         db.autocommit = True
         cur = db.cursor()
         jobs = sample_jobs(args.jobs)
-        cur.execute("INSERT INTO jobs (email, content_message, subject) VALUES "
-                    + ",".join(cur.mogrify("(%s, %s, %s)", job).decode() for job in jobs))
+        cur.execute(
+            "INSERT INTO jobs (email, content_message, subject) VALUES "
+            + ",".join(cur.mogrify("(%s, %s, %s)", job).decode() for job in jobs)
+        )
         html_jobs = max(3, args.jobs // 50)
         insert_html_jobs(cur, html_jobs)
-        print("Inserted %d jobs (%d HTML with an inline logo and a PDF, %d with a bad "
-              "address, to show 'dead')." % (len(jobs) + html_jobs, html_jobs,
-                                             len(BAD_ADDRESSES)))
+        print(
+            "Inserted %d jobs (%d HTML with an inline logo and a PDF, %d with a bad "
+            "address, to show 'dead')." % (len(jobs) + html_jobs, html_jobs, len(BAD_ADDRESSES))
+        )
         total = len(jobs) + html_jobs
 
         logs = open(os.path.join(args.output, "scripts.log"), "w")
-        command = lambda script: [sys.executable, os.path.join(ROOT, script),  # noqa: E731
-                                  "--config", config_path]
+        command = lambda script: [  # noqa: E731
+            sys.executable,
+            os.path.join(ROOT, script),  # noqa: E731
+            "--config",
+            config_path,
+        ]
         started = time.monotonic()
-        workers = [subprocess.Popen(command("consumer.py"), stderr=logs, cwd=ROOT)
-                   for _ in range(args.consumers)]
+        workers = [
+            subprocess.Popen(command("consumer.py"), stderr=logs, cwd=ROOT)
+            for _ in range(args.consumers)
+        ]
         workers.append(subprocess.Popen(command("producer.py"), stderr=logs, cwd=ROOT))
         print("Running %d consumer(s) and a producer ..." % args.consumers)
         try:
             while True:
-                cur.execute("SELECT count(*) FILTER (WHERE status IN ('completed', 'dead')) "
-                            "FROM jobs")
+                cur.execute(
+                    "SELECT count(*) FILTER (WHERE status IN ('completed', 'dead')) FROM jobs"
+                )
                 finished = cur.fetchone()[0]
                 if sys.stdout.isatty():
                     progress(finished, total)
@@ -229,14 +287,18 @@ def main():
     print("Why the dead ones are dead (jobs.last_error):")
     for address, error in dead:
         print("  %-45r %s" % (address, error))
-    print("The mails are in %s (e.g. mutt -f %s); the scripts' logs in %s."
-          % (maildir, maildir, logs.name))
+    print(
+        "The mails are in %s (e.g. mutt -f %s); the scripts' logs in %s."
+        % (maildir, maildir, logs.name)
+    )
     html_mail = _a_mail_with_attachments(maildir)
     if html_mail:
         print("An HTML mail with its logo and PDF: %s" % html_mail)
     print("\npython -m mailqueue report --config %s said:\n%s" % (config_path, report))
-    print("To see the dashboard: ./scripts/demo --dashboard, then open http://127.0.0.1:8025/ "
-          "(on your database: python -m mailqueue dashboard --config config.json)")
+    print(
+        "To see the dashboard: ./scripts/demo --dashboard, then open http://127.0.0.1:8025/ "
+        "(on your database: python -m mailqueue dashboard --config config.json)"
+    )
 
 
 def _a_mail_with_attachments(maildir):

@@ -40,11 +40,13 @@ class PostgresServer:
 
     def settings_for(self, database):
         """The configuration's `database` section (the seed's five keys)."""
-        return {"database": database,
-                "user": self.params.get("user", os.environ.get("USER", "postgres")),
-                "password": self.params.get("password", ""),
-                "host": self.params.get("host", "127.0.0.1"),
-                "port": int(self.params.get("port", 5432))}
+        return {
+            "database": database,
+            "user": self.params.get("user", os.environ.get("USER", "postgres")),
+            "password": self.params.get("password", ""),
+            "host": self.params.get("host", "127.0.0.1"),
+            "port": int(self.params.get("port", 5432)),
+        }
 
     def dsn(self, database):
         return psycopg2.extensions.make_dsn(self.admin_dsn, dbname=database)
@@ -54,14 +56,18 @@ class PostgresServer:
 
     def create_database(self, template=None):
         name = PREFIX + uuid.uuid4().hex[:12]
-        self.admin('CREATE DATABASE "%s"%s' % (name, ' TEMPLATE "%s"' % template if template else ""))
+        self.admin(
+            'CREATE DATABASE "%s"%s' % (name, ' TEMPLATE "%s"' % template if template else "")
+        )
         self.created.append(name)
         return name
 
     def drop_database(self, name):
         assert name in self.created, "never drop a database this session did not create"
-        self.admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                   "WHERE datname = '%s' AND pid <> pg_backend_pid()" % name)
+        self.admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = '%s' AND pid <> pg_backend_pid()" % name
+        )
         self.admin('DROP DATABASE IF EXISTS "%s"' % name)
         self.created.remove(name)
 
@@ -116,8 +122,9 @@ def pgbouncer(postgres):
             pytest.fail(message + "; .ci/run should have installed it")
         pytest.skip(message)
     settings = postgres.settings_for("postgres")
-    with ThrowawayPgbouncer(settings["host"], settings["port"], settings["user"],
-                            settings["password"]) as bouncer:
+    with ThrowawayPgbouncer(
+        settings["host"], settings["port"], settings["user"], settings["password"]
+    ) as bouncer:
         yield bouncer
 
 
@@ -130,15 +137,20 @@ def smtp():
 @pytest.fixture
 def make_config(tmp_path, postgres, database, smtp):
     """Write a configuration file for this test's database and SMTP sink."""
+
     def make(smtp_overrides=None, queue=None, **sections):
-        config = {"database": postgres.settings_for(database),
-                  "smtp": dict({"host": "127.0.0.1", "port": smtp.port, "timeout": 10},
-                               **(smtp_overrides or {})),
-                  "queue": dict(queue or {})}
+        config = {
+            "database": postgres.settings_for(database),
+            "smtp": dict(
+                {"host": "127.0.0.1", "port": smtp.port, "timeout": 10}, **(smtp_overrides or {})
+            ),
+            "queue": dict(queue or {}),
+        }
         config.update(sections)
         path = tmp_path / ("config-%s.json" % uuid.uuid4().hex[:6])
         path.write_text(json.dumps(config), encoding="utf-8")
         return str(path)
+
     return make
 
 
@@ -154,14 +166,21 @@ class Scripts:
 
     def run(self, script, *args, timeout=120, env=None):
         """Run to completion; return the CompletedProcess (text output)."""
-        return subprocess.run(self.command(script, *args), cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout, env=env)
+        return subprocess.run(
+            self.command(script, *args),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
 
     def start(self, script, *args):
         """Start in the background; stderr goes to a file (see log_of)."""
         log = open(self.tmp_path / ("%s-%d.log" % (script, len(self.running))), "w+")
-        proc = subprocess.Popen(self.command(script, *args), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(
+            self.command(script, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log
+        )
         proc.log = log
         self.running.append(proc)
         return proc

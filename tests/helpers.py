@@ -41,9 +41,13 @@ def insert_jobs(conn, rows):
 def queue_marked(conn, count, prefix="mark"):
     """Insert `count` jobs, each with its own recipient and the marker
     `prefix-N` in its body; return the markers."""
-    query(conn, "INSERT INTO jobs (email, content_message) "
-                "SELECT %s || (i - 1) || '@example.com', 'mail with marker:' || %s || '-' || (i - 1)"
-                "  FROM generate_series(1, %s) i", (prefix, prefix, count))
+    query(
+        conn,
+        "INSERT INTO jobs (email, content_message) "
+        "SELECT %s || (i - 1) || '@example.com', 'mail with marker:' || %s || '-' || (i - 1)"
+        "  FROM generate_series(1, %s) i",
+        (prefix, prefix, count),
+    )
     return ["%s-%d" % (prefix, i) for i in range(count)]
 
 
@@ -77,15 +81,22 @@ def in_flight_together(smtp):
     spans = collections.defaultdict(list)
     for (_, _, content, arrived), began in zip(list(smtp.received), list(smtp.began)):
         spans[marker_of(content)].append((began or arrived, arrived))
-    return sorted(m for m, s in spans.items() if len(s) > 1 and any(
-        a[0] < b[1] and b[0] < a[1] for i, a in enumerate(s) for b in s[i + 1:]))
+    return sorted(
+        m
+        for m, s in spans.items()
+        if len(s) > 1
+        and any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(s) for b in s[i + 1 :])
+    )
 
 
 def assert_every_job_completed_once(conn, smtp, markers, max_duplicates=0, timeout=60.0):
     """Every job completed, each marker arrived, at most `max_duplicates` repeats,
     every repeat the very same mail (one Message-ID), and the queue empty."""
-    wait_until(lambda: status_counts(conn) == {"completed": len(markers)}, timeout=timeout,
-               what="%d completed jobs (now %s)" % (len(markers), status_counts(conn)))
+    wait_until(
+        lambda: status_counts(conn) == {"completed": len(markers)},
+        timeout=timeout,
+        what="%d completed jobs (now %s)" % (len(markers), status_counts(conn)),
+    )
     sent = copies(smtp)
     missing = set(markers) - set(sent)
     assert not missing, "lost mails: %s" % sorted(missing)[:5]
@@ -115,6 +126,7 @@ class Forwarder:
     def __init__(self, port, target_port):
         import socket
         import threading
+
         self.port, self.target_port = port, target_port
         self.socket_module, self.threading = socket, threading
         self.server = None
@@ -169,8 +181,9 @@ class Forwarder:
 
 def start_queue(scripts, config, consumers=2, *consumer_args):
     """`consumers` consumer.py (with `consumer_args`) and one producer.py, running."""
-    started = [scripts.start("consumer.py", "--config", config, *consumer_args)
-               for _ in range(consumers)]
+    started = [
+        scripts.start("consumer.py", "--config", config, *consumer_args) for _ in range(consumers)
+    ]
     return started + [scripts.start("producer.py", "--config", config)]
 
 
@@ -184,5 +197,4 @@ def stop_cleanly(scripts, procs):
 def send_what_is_queued(scripts, config, *consumer_args):
     """producer.py --once, then consumer.py --drain: both must exit 0."""
     assert scripts.run("producer.py", "--config", config, "--once").returncode == 0
-    assert scripts.run("consumer.py", "--config", config, "--drain",
-                       *consumer_args).returncode == 0
+    assert scripts.run("consumer.py", "--config", config, "--drain", *consumer_args).returncode == 0

@@ -11,23 +11,28 @@ from helpers import ROOT, query, wait_until
 from mailqueue.devservers import free_port
 
 
-def finished_job(db, status="completed", email="done@example.com", lag=1.0, ago=60.0,
-                 body="sent long ago"):
+def finished_job(
+    db, status="completed", email="done@example.com", lag=1.0, ago=60.0, body="sent long ago"
+):
     """A job that finished `ago` seconds ago after `lag` seconds in the queue; its id."""
     [(job_id,)] = query(
-        db, "INSERT INTO jobs (email, content_message, status, attempts, start_time, end_time) "
-            "VALUES (%s, %s, %s, 1, LOCALTIMESTAMP - (%s + %s) * interval '1 second', "
-            "        LOCALTIMESTAMP - %s * interval '1 second') RETURNING job_id",
-        (email, body, status, ago, lag, ago))
+        db,
+        "INSERT INTO jobs (email, content_message, status, attempts, start_time, end_time) "
+        "VALUES (%s, %s, %s, 1, LOCALTIMESTAMP - (%s + %s) * interval '1 second', "
+        "        LOCALTIMESTAMP - %s * interval '1 second') RETURNING job_id",
+        (email, body, status, ago, lag, ago),
+    )
     return job_id
 
 
 def waiting_job(db, status="available", email="wait@example.com", due_ago=0.0):
     """A job not yet sent, due since `due_ago` seconds (negative: not yet due)."""
     [(job_id,)] = query(
-        db, "INSERT INTO jobs (email, content_message, status, run_at) "
-            "VALUES (%s, 'waiting', %s, now() - %s * interval '1 second') RETURNING job_id",
-        (email, status, due_ago))
+        db,
+        "INSERT INTO jobs (email, content_message, status, run_at) "
+        "VALUES (%s, 'waiting', %s, now() - %s * interval '1 second') RETURNING job_id",
+        (email, status, due_ago),
+    )
     if status == "queued":
         query(db, "INSERT INTO queue (job_id) VALUES (%s)", (job_id,))
     return job_id
@@ -35,10 +40,13 @@ def waiting_job(db, status="available", email="wait@example.com", due_ago=0.0):
 
 def delivery(db, job_id, outcome, detail=None, code=None, attempt=1, ago=30.0):
     """An attempt logged `ago` seconds ago."""
-    query(db, "INSERT INTO deliveries (job_id, attempt, started_at, finished_at, outcome, "
-              "smtp_code, detail) VALUES (%s, %s, now() - (%s + 0.1) * interval '1 second', "
-              "now() - %s * interval '1 second', %s, %s, %s)",
-          (job_id, attempt, ago, ago, outcome, code, detail))
+    query(
+        db,
+        "INSERT INTO deliveries (job_id, attempt, started_at, finished_at, outcome, "
+        "smtp_code, detail) VALUES (%s, %s, now() - (%s + 0.1) * interval '1 second', "
+        "now() - %s * interval '1 second', %s, %s, %s)",
+        (job_id, attempt, ago, ago, outcome, code, detail),
+    )
 
 
 def quantile(values, q):
@@ -52,8 +60,14 @@ def quantile(values, q):
 
 def mailqueue(*args, env=None, timeout=120):
     """python -m mailqueue ARGS, as a user runs it; the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "mailqueue"] + list(args), cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mailqueue"] + list(args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 class Dashboard:
@@ -68,9 +82,24 @@ class Dashboard:
             env["MAILQUEUE_DASHBOARD_PASSWORD"] = password
         self.log = open(tmp_path / ("dashboard-%d.log" % self.port), "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailqueue", "dashboard", "--config", config,
-             "--host", host, "--port", str(self.port)] + list(extra),
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+            [
+                sys.executable,
+                "-m",
+                "mailqueue",
+                "dashboard",
+                "--config",
+                config,
+                "--host",
+                host,
+                "--port",
+                str(self.port),
+            ]
+            + list(extra),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
         self.auth = password
 
     def wait(self):
@@ -81,6 +110,7 @@ class Dashboard:
                 return self.get("/metrics", auth=self.auth)[0]
             except OSError:
                 return None
+
         wait_until(answers, timeout=30, what="the dashboard to answer")
         return self
 

@@ -12,8 +12,10 @@ from helpers import query, recipients, status_counts
 from mailqueue.devservers import SmtpSink
 
 MEGABYTE = "Tiếng Việt có dấu. " * 40000  # ~1 MB of UTF-8 text
-SMUGGLED = ("Hello\r\n.\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<injected@example.org>\r\n"
-            "DATA\r\nSubject: smuggled\r\n\r\ninjected\r\n.\r\n")
+SMUGGLED = (
+    "Hello\r\n.\r\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<injected@example.org>\r\n"
+    "DATA\r\nSubject: smuggled\r\n\r\ninjected\r\n.\r\n"
+)
 
 # (email, subject, content_message, expected status, words expected in last_error)
 CASES = [
@@ -28,7 +30,13 @@ CASES = [
     ("a@example.com, injected@example.org", None, "x", "dead", "not a valid address"),
     ("a@example.com;injected@example.org", None, "x", "dead", "not a valid address"),
     ("x" * 988 + "@example.com", None, "x", "dead", "too long"),
-    ("ok1@example.com", "Hi\r\nBcc: injected@example.org", "x", "dead", "subject contains a line break"),
+    (
+        "ok1@example.com",
+        "Hi\r\nBcc: injected@example.org",
+        "x",
+        "dead",
+        "subject contains a line break",
+    ),
     ("ok2@example.com", "bell\x07 and escape\x1b[31m", "x", "dead", "control character"),
     ("ok3@example.com", "next line\u2028Bcc: injected@example.org", "x", "dead", "line break"),
     ("ok4@example.com", "=?UTF-8?Q?=0A?=Bcc: injected@example.com", "x", "dead", "encoded word"),
@@ -54,8 +62,10 @@ def cases_for(*addresses):
 def insert_cases(db, cases):
     with db.cursor() as cur:
         for address, subject, body, _, _ in cases:
-            cur.execute("INSERT INTO jobs (email, subject, content_message) VALUES (%s, %s, %s)",
-                        (address, subject, body))
+            cur.execute(
+                "INSERT INTO jobs (email, subject, content_message) VALUES (%s, %s, %s)",
+                (address, subject, body),
+            )
 
 
 def run_once(scripts, config):
@@ -66,21 +76,26 @@ def run_once(scripts, config):
 
 
 def test_bad_jobs_are_dead_with_a_reason_and_good_ones_beside_them_are_sent(
-        db, smtp, make_config, scripts):
+    db, smtp, make_config, scripts
+):
     insert_cases(db, CASES)
     run_once(scripts, make_config())
 
     rows = query(db, "SELECT status, attempts, last_error FROM jobs ORDER BY job_id")
     wrong = []
-    for (address, subject, body, status, reason), (got, attempts, error) in zip(CASES, rows):
-        if got != status or (reason and reason not in (error or "")) or (
-                status == "dead" and attempts != 0):
+    for (address, subject, body, status, reason), (got, attempts, error) in zip(CASES, rows):  # noqa: B007
+        if (
+            got != status
+            or (reason and reason not in (error or ""))
+            or (status == "dead" and attempts != 0)
+        ):
             wrong.append((repr(address)[:40], repr(subject)[:40], got, attempts, error))
     assert not wrong, "\n".join(map(str, wrong))
 
     good = [c[0] for c in CASES if c[3] == "completed"]
     assert sorted(recipients(smtp)) == sorted(
-        "bob@xn--v-d-rma6749a.vn" if a == "bob@ví-dụ.vn" else a for a in good)
+        "bob@xn--v-d-rma6749a.vn" if a == "bob@ví-dụ.vn" else a for a in good
+    )
     for _, _, content, _ in smtp.received:
         head = content.split(b"\r\n\r\n", 1)[0]
         assert b"injected" not in head and b"\nBcc" not in head and b"\nbcc" not in head
@@ -104,7 +119,9 @@ def test_a_megabyte_of_text_arrives_intact(db, smtp, make_config, scripts):
     assert body.decode("utf-8") == MEGABYTE
 
 
-def test_internationalised_address_is_sent_with_smtputf8_when_offered(db, smtp, make_config, scripts):
+def test_internationalised_address_is_sent_with_smtputf8_when_offered(
+    db, smtp, make_config, scripts
+):
     insert_cases(db, cases_for("người.nhận@ví-dụ.vn", "bob@ví-dụ.vn"))
     run_once(scripts, make_config())
     by_rcpt = {rcpts[0]: content for _, rcpts, content, _ in smtp.received}
@@ -114,31 +131,38 @@ def test_internationalised_address_is_sent_with_smtputf8_when_offered(db, smtp, 
     assert message["Subject"] == "Địa chỉ quốc tế"
 
 
-def test_internationalised_address_is_dead_when_the_server_lacks_smtputf8(
-        db, make_config, scripts):
+def test_internationalised_address_is_dead_when_the_server_lacks_smtputf8(db, make_config, scripts):
     with SmtpSink(enable_SMTPUTF8=False) as plain:
         insert_cases(db, cases_for("người.nhận@ví-dụ.vn", "bob@ví-dụ.vn"))
         run_once(scripts, make_config(smtp_overrides={"port": plain.port}))
         assert recipients(plain) == ["bob@xn--v-d-rma6749a.vn"], "an ASCII form needs no SMTPUTF8"
-    [(status, error)] = query(db, "SELECT status, last_error FROM jobs "
-                                  "WHERE email = 'người.nhận@ví-dụ.vn'")
+    [(status, error)] = query(
+        db, "SELECT status, last_error FROM jobs WHERE email = 'người.nhận@ví-dụ.vn'"
+    )
     assert status == "dead" and "does not offer SMTPUTF8" in error
 
 
 def test_nul_cannot_even_be_stored(db):
     with pytest.raises(ValueError, match="NUL"):
-        query(db, "INSERT INTO jobs (email, content_message) VALUES (%s, %s)",
-              ("a@example.com", "nul\x00byte"))
+        query(
+            db,
+            "INSERT INTO jobs (email, content_message) VALUES (%s, %s)",
+            ("a@example.com", "nul\x00byte"),
+        )
     with pytest.raises(psycopg2.DataError):  # the escape form is refused by PostgreSQL
         query(db, r"INSERT INTO jobs (email, content_message) VALUES ('a@example.com', E'\x00')")
 
 
 def test_rows_written_straight_into_queue_are_refused_or_dropped_never_sent_twice(
-        db, smtp, make_config, scripts):
+    db, smtp, make_config, scripts
+):
     config = make_config()
-    query(db, "INSERT INTO jobs (email, content_message, run_at) VALUES "
-              "('done@example.com', 'sent once', now()), "
-              "('waiting@example.com', 'not due yet', now() + interval '1 hour')")
+    query(
+        db,
+        "INSERT INTO jobs (email, content_message, run_at) VALUES "
+        "('done@example.com', 'sent once', now()), "
+        "('waiting@example.com', 'not due yet', now() + interval '1 hour')",
+    )
     run_once(scripts, config)
     assert recipients(smtp) == ["done@example.com"]
 

@@ -36,8 +36,9 @@ def test_config_file_that_is_not_json(script, scripts, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_unknown_smtp_security(script, scripts, make_config):
     config = make_config(smtp_overrides={"security": "tls"})
-    assert_one_clear_line(scripts.run(script, "--config", config),
-                          "smtp.security", "none, starttls, ssl", "'tls'")
+    assert_one_clear_line(
+        scripts.run(script, "--config", config), "smtp.security", "none, starttls, ssl", "'tls'"
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -47,7 +48,8 @@ def test_misspelt_key(script, scripts, make_config):
 
 
 def test_a_database_and_an_smtp_server_that_are_not_up_yet_are_waited_for(
-        db, postgres, smtp, make_config, scripts):
+    db, postgres, smtp, make_config, scripts
+):
     late_db, late_smtp = free_port(), free_port()
     path = make_config(smtp_overrides={"port": late_smtp})
     config = json.loads(open(path).read())
@@ -56,12 +58,15 @@ def test_a_database_and_an_smtp_server_that_are_not_up_yet_are_waited_for(
     producer = scripts.start("producer.py", "--config", path)
     consumer = scripts.start("consumer.py", "--config", path)
     for proc in (producer, consumer):  # one line per try, backing off
-        wait_until(lambda: scripts.log_of(proc).count("waiting for the database") >= 2,
-                   what="two tries")
+        wait_until(
+            lambda: scripts.log_of(proc).count("waiting for the database") >= 2, what="two tries"
+        )
     forwarder = Forwarder(late_db, postgres.settings_for("x")["port"]).listen()
     try:
-        wait_until(lambda: "waiting for the SMTP server" in scripts.log_of(consumer),
-                   what="the consumer to wait for its SMTP server next")
+        wait_until(
+            lambda: "waiting for the SMTP server" in scripts.log_of(consumer),
+            what="the consumer to wait for its SMTP server next",
+        )
         query(db, "INSERT INTO jobs (email, content_message) VALUES ('late@example.com', 'hi')")
         late = SmtpSink(port=late_smtp).start()
         try:
@@ -80,8 +85,9 @@ def test_a_database_and_an_smtp_server_that_are_not_up_yet_are_waited_for(
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_what_waiting_cannot_fix_fails_at_once(script, scripts, make_config):
-    env = dict(os.environ, MAILQUEUE_DB_NAME="no_such_database_here",
-               MAILQUEUE_DB_PASSWORD="from-env")
+    env = dict(
+        os.environ, MAILQUEUE_DB_NAME="no_such_database_here", MAILQUEUE_DB_PASSWORD="from-env"
+    )
     result = scripts.run(script, "--config", make_config(), timeout=30, env=env)
     assert_one_clear_line(result, "cannot connect", "no_such_database_here", "does not exist")
     assert "from-env" not in result.stderr

@@ -24,12 +24,24 @@ def activity(db):
     """Mails sent over the last minutes, failures with replies that name recipients,
     and a backlog."""
     for n in range(30):
-        finished_job(db, "completed", "sent%d@example.com" % n, lag=1 + n % 4,
-                     ago=30 + 60 * (n % 6), body=SECRET_BODY)
+        finished_job(
+            db,
+            "completed",
+            "sent%d@example.com" % n,
+            lag=1 + n % 4,
+            ago=30 + 60 * (n % 6),
+            body=SECRET_BODY,
+        )
     for n in range(3):
         job = finished_job(db, "dead", "rejected%d@example.net" % n, ago=90, body=SECRET_BODY)
-        delivery(db, job, "dead", "recipient refused: 550 5.1.1 <rejected%d@example.net>: "
-                                  "no such user" % n, 550, ago=90)
+        delivery(
+            db,
+            job,
+            "dead",
+            "recipient refused: 550 5.1.1 <rejected%d@example.net>: no such user" % n,
+            550,
+            ago=90,
+        )
     job = waiting_job(db, "failed", "later@example.org", due_ago=-600)
     delivery(db, job, "failed", "mail refused: 451 4.3.0 Try again later", 451, ago=45)
     for n in range(4):
@@ -52,8 +64,11 @@ def test_the_page_and_metrics_over_http(activity, make_config, tmp_path):
         assert status == 200 and headers["Content-Type"].startswith("text/html")
         assert "script-src 'self'" in headers["Content-Security-Policy"]
         for status_name, count in counts.items():
-            assert re.search(r'id="status-%s"><div class="label">%s</div><div class="value">%d<'
-                             % (status_name, status_name, count), page), status_name
+            assert re.search(
+                r'id="status-%s"><div class="label">%s</div><div class="value">%d<'
+                % (status_name, status_name, count),
+                page,
+            ), status_name
         assert re.search(r'id="backlog">.*?<div class="value">4<', page)
         assert 'id="chart-throughput" data-sent="30" data-failed="4"' in page
         assert len(re.findall(r'<rect class="sent"', page)) == 6  # six minutes with mail
@@ -75,9 +90,11 @@ def test_the_page_and_metrics_over_http(activity, make_config, tmp_path):
         assert 120 <= values[("mailqueue_oldest_waiting_seconds", ())] < 180
         lags = [1 + n % 4 for n in range(30)] + [1.0] * 3
         assert values[("mailqueue_lag_seconds", (("quantile", "0.5"),))] == pytest.approx(
-            sorted(lags)[len(lags) // 2], abs=0.01)
+            sorted(lags)[len(lags) // 2], abs=0.01
+        )
         assert values[("mailqueue_lag_seconds", (("quantile", "0.95"),))] == pytest.approx(
-            4.0, abs=0.01)
+            4.0, abs=0.01
+        )
         assert values[("mailqueue_deliveries_last_hour", (("outcome", "dead"),))] == 3
         assert values[("mailqueue_deliveries_last_hour", (("outcome", "failed"),))] == 1
         assert values[("mailqueue_deliveries_last_hour", (("outcome", "sent"),))] == 0
@@ -97,8 +114,15 @@ def test_masked_recipients_keep_only_a_first_letter_and_the_domain():
 
 
 def test_the_dashboard_refuses_another_address_without_a_password(make_config):
-    result = mailqueue("dashboard", "--config", make_config(), "--host", "0.0.0.0",
-                       env=dict(os.environ, MAILQUEUE_DASHBOARD_PASSWORD=""), timeout=30)
+    result = mailqueue(
+        "dashboard",
+        "--config",
+        make_config(),
+        "--host",
+        "0.0.0.0",
+        env=dict(os.environ, MAILQUEUE_DASHBOARD_PASSWORD=""),
+        timeout=30,
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "MAILQUEUE_DASHBOARD_PASSWORD" in result.stderr
 
@@ -113,10 +137,17 @@ def test_on_another_address_it_asks_for_the_password(db, make_config, tmp_path):
         assert PASSWORD not in dashboard.output()
 
 
-def test_the_worker_role_is_enough(postgres, database, roles, activity,  # noqa: F811
-                                   make_config, tmp_path):
-    settings = dict(postgres.settings_for(database), user=roles["mailqueue_worker"],
-                    password=PASSWORD)
+def test_the_worker_role_is_enough(
+    postgres,
+    database,
+    roles,  # noqa: F811
+    activity,  # noqa: F811
+    make_config,
+    tmp_path,
+):
+    settings = dict(
+        postgres.settings_for(database), user=roles["mailqueue_worker"], password=PASSWORD
+    )
     with Dashboard(make_config(database=settings), tmp_path) as dashboard:
         status, _, text = dashboard.get("/metrics")
         assert status == 200, text
@@ -126,10 +157,10 @@ def test_the_worker_role_is_enough(postgres, database, roles, activity,  # noqa:
     assert result.returncode == 0, result.stderr
 
 
-def test_a_lost_database_is_one_line_on_the_page_not_a_traceback(postgres, make_config,
-                                                                 tmp_path):
-    config = make_config(database=dict(postgres.settings_for("postgres"), database="nowhere_x",
-                                       port=1))
+def test_a_lost_database_is_one_line_on_the_page_not_a_traceback(postgres, make_config, tmp_path):
+    config = make_config(
+        database=dict(postgres.settings_for("postgres"), database="nowhere_x", port=1)
+    )
     with Dashboard(config, tmp_path) as dashboard:
         for path in ("/", "/metrics"):
             status, _, body = dashboard.get(path)
@@ -139,6 +170,7 @@ def test_a_lost_database_is_one_line_on_the_page_not_a_traceback(postgres, make_
 
 
 # ---------------------------------------------------------------- headless Chromium
+
 
 def chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
@@ -154,16 +186,29 @@ def run_chromium(*args):
     profile = tempfile.mkdtemp(prefix="mailqueue-chromium-")
     try:
         return subprocess.run(
-            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--user-data-dir=" + profile] + list(args),
-            capture_output=True, text=True, timeout=120)
+            [
+                chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--user-data-dir=" + profile,
+            ]
+            + list(args),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_the_page_in_headless_chromium_shows_the_counts_draws_its_charts_and_refreshes(
-        activity, make_config, tmp_path):
+    activity, make_config, tmp_path
+):
     counts = dict({s: 0 for s in STATUSES}, **status_counts(activity))
     with Dashboard(make_config(), tmp_path) as dashboard:
         # The DOM after the page's own script has refreshed it (virtual time
@@ -174,15 +219,20 @@ def test_the_page_in_headless_chromium_shows_the_counts_draws_its_charts_and_ref
         assert re.search(r'<body[^>]* data-refreshes="[1-9]', html), "the page never refreshed"
         assert "data-stale" not in html
         for status_name, count in counts.items():
-            assert re.search(r'id="status-%s">.*?<div class="value">%d</div>'
-                             % (status_name, count), html), status_name
+            assert re.search(
+                r'id="status-%s">.*?<div class="value">%d</div>' % (status_name, count), html
+            ), status_name
         assert len(re.findall(r'<rect class="sent"', html)) == 6
         assert len(re.findall(r'<polyline class="lag"', html)) >= 1
         assert "r***@example.net" in html
 
         screenshot = tmp_path / "dashboard.png"
-        shot = run_chromium("--screenshot=%s" % screenshot, "--window-size=1000,1100",
-                            "--hide-scrollbars", dashboard.url + "/")
+        shot = run_chromium(
+            "--screenshot=%s" % screenshot,
+            "--window-size=1000,1100",
+            "--hide-scrollbars",
+            dashboard.url + "/",
+        )
         assert shot.returncode == 0, shot.stderr[-2000:]
         data = screenshot.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000

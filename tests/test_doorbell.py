@@ -25,7 +25,8 @@ def doorbell_on(postgres, database, poll_interval):
 
 
 def test_a_notification_wakes_the_doorbell_without_walking_the_stack(
-        postgres, database, db, monkeypatch):
+    postgres, database, db, monkeypatch
+):
     # pgnotify logs through logx, which called inspect.stack() on every log line:
     # about 1 ms each, twice per wake-up, on the path of every mail.
     walks = []
@@ -34,8 +35,11 @@ def test_a_notification_wakes_the_doorbell_without_walking_the_stack(
     with doorbell_on(postgres, database, 10.0) as events:
         assert next(events) == "start-up"
         query(db, "INSERT INTO jobs(email, content_message) VALUES ('a@example.com', 'hi')")
-        query(db, "WITH m AS (UPDATE jobs SET status = 'queued' RETURNING job_id) "
-                  "INSERT INTO queue(job_id) SELECT job_id FROM m")
+        query(
+            db,
+            "WITH m AS (UPDATE jobs SET status = 'queued' RETURNING job_id) "
+            "INSERT INTO queue(job_id) SELECT job_id FROM m",
+        )
         assert next(events) == "notification"
     assert walks == []
 

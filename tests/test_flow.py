@@ -15,7 +15,10 @@ def parse(content):
 @pytest.mark.parametrize("pipelining", [True, False])
 def test_seed_example_insert_is_sent_and_completed(pipelining, db, smtp, make_config, scripts):
     smtp.pipelining = pipelining
-    query(db, "INSERT INTO jobs(email, content_message) values ('wind2941999@example.com', 'test queue')")
+    query(
+        db,
+        "INSERT INTO jobs(email, content_message) values ('wind2941999@example.com', 'test queue')",
+    )
     config = make_config()
 
     produced = scripts.run("producer.py", "--config", config, "--once")
@@ -33,15 +36,18 @@ def test_seed_example_insert_is_sent_and_completed(pipelining, db, smtp, make_co
     assert message["Subject"] == "Message from Mail Queue"
     assert message.get_payload(decode=True) == b"test queue"
     [(status, attempts, last_error, ordered)] = query(
-        db, "SELECT status, attempts, last_error, start_time <= end_time FROM jobs")
+        db, "SELECT status, attempts, last_error, start_time <= end_time FROM jobs"
+    )
     assert (status, attempts, last_error, ordered) == ("completed", 1, None, True)
     assert query(db, "SELECT count(*) FROM queue") == [(0,)]
 
 
 def test_vietnamese_subject_and_body_arrive_byte_exact(db, smtp, make_config, scripts):
     subject = "Thông báo: đơn hàng #42 đã được giao — cảm ơn quý khách!"
-    body = ("Kính gửi Nguyễn Văn Anh,\n\nĐơn hàng của bạn đã được giao thành công.\n"
-            "Chữ có dấu: ắ ằ ẳ ẵ ặ ấ ầ ẩ ẫ ậ ế ề ể ễ ệ ố ồ ổ ỗ ộ ớ ờ ở ỡ ợ ứ ừ ử ữ ự\n")
+    body = (
+        "Kính gửi Nguyễn Văn Anh,\n\nĐơn hàng của bạn đã được giao thành công.\n"
+        "Chữ có dấu: ắ ằ ẳ ẵ ặ ấ ầ ẩ ẫ ậ ế ề ể ễ ệ ố ồ ổ ỗ ộ ớ ờ ở ỡ ợ ứ ừ ử ữ ự\n"
+    )
     insert_jobs(db, [("khach.hang@example.com", body, subject)])
     config = make_config()
     assert scripts.run("producer.py", "--config", config, "--once").returncode == 0
@@ -58,14 +64,17 @@ def test_vietnamese_subject_and_body_arrive_byte_exact(db, smtp, make_config, sc
 
 
 def test_four_consumers_and_two_producers_send_2000_mails_exactly_once(
-        db, smtp, make_config, scripts):
+    db, smtp, make_config, scripts
+):
     config = make_config()
     consumers = [scripts.start("consumer.py", "--config", config) for _ in range(4)]
     producers = [scripts.start("producer.py", "--config", config) for _ in range(2)]
     expected = ["user%d@example.com" % i for i in range(2000)]
     for start in range(0, 2000, 100):  # 20 inserts: the producers are woken many times
-        insert_jobs(db, [(address, "mail for %s" % address, None)
-                         for address in expected[start:start + 100]])
+        insert_jobs(
+            db,
+            [(address, "mail for %s" % address, None) for address in expected[start : start + 100]],
+        )
 
     smtp.wait_for(2000, timeout=180)
     wait_until(lambda: status_counts(db) == {"completed": 2000}, what="2000 completed jobs")
@@ -73,21 +82,22 @@ def test_four_consumers_and_two_producers_send_2000_mails_exactly_once(
         assert scripts.stop(proc) == 0, scripts.log_of(proc)
 
     assert sorted(recipients(smtp)) == sorted(expected), "every mail exactly once"
-    assert query(db, "SELECT count(*) FROM jobs WHERE NOT (start_time <= end_time)"
-                     " OR attempts <> 1") == [(0,)]
+    assert query(
+        db, "SELECT count(*) FROM jobs WHERE NOT (start_time <= end_time) OR attempts <> 1"
+    ) == [(0,)]
     assert query(db, "SELECT count(*) FROM queue") == [(0,)]
     for proc in consumers:
         assert "Traceback" not in scripts.log_of(proc)
 
 
-def test_failing_smtp_server_leads_to_failed_then_successful_retry(
-        db, smtp, make_config, scripts):
+def test_failing_smtp_server_leads_to_failed_then_successful_retry(db, smtp, make_config, scripts):
     tries = []
 
     def fail_the_first_try(envelope):
         tries.append(envelope.rcpt_tos)
         if len(tries) == 1:
             return "451 4.3.0 Temporary local problem, try again"
+
     smtp.behaviour = fail_the_first_try
     insert_jobs(db, [("retry@example.com", "second time lucky", None)])
     config = make_config(queue={"retry_delay": 0.5, "max_retry_delay": 1})
@@ -95,7 +105,8 @@ def test_failing_smtp_server_leads_to_failed_then_successful_retry(
     assert scripts.run("producer.py", "--config", config, "--once").returncode == 0
     assert scripts.run("consumer.py", "--config", config, "--drain").returncode == 0
     [(status, attempts, last_error, delayed)] = query(  # created just before it failed
-        db, "SELECT status, attempts, last_error, run_at >= created_at + interval '0.5 s' FROM jobs")
+        db, "SELECT status, attempts, last_error, run_at >= created_at + interval '0.5 s' FROM jobs"
+    )
     assert (status, attempts, delayed) == ("failed", 1, True)
     assert "451 4.3.0 Temporary local problem" in last_error
     assert smtp.received == []
@@ -109,8 +120,7 @@ def test_failing_smtp_server_leads_to_failed_then_successful_retry(
     assert len(tries) == 2 and len(smtp.received) == 1
 
 
-def test_permanent_rejection_marks_job_dead_with_the_server_reply(
-        db, smtp, make_config, scripts):
+def test_permanent_rejection_marks_job_dead_with_the_server_reply(db, smtp, make_config, scripts):
     smtp.behaviour = lambda envelope: "550 5.1.1 Mailbox unavailable: no such user here"
     insert_jobs(db, [("nobody@example.com", "bounce me", None)])
     config = make_config()
@@ -118,7 +128,8 @@ def test_permanent_rejection_marks_job_dead_with_the_server_reply(
     assert scripts.run("consumer.py", "--config", config, "--drain").returncode == 0
 
     [(status, attempts, last_error, finished)] = query(
-        db, "SELECT status, attempts, last_error, end_time IS NOT NULL FROM jobs")
+        db, "SELECT status, attempts, last_error, end_time IS NOT NULL FROM jobs"
+    )
     assert (status, attempts, finished) == ("dead", 1, True)
     assert "550 5.1.1 Mailbox unavailable: no such user here" in last_error
 
@@ -129,6 +140,7 @@ def test_job_is_dead_once_max_attempts_are_spent(db, smtp, make_config, scripts)
     def always_busy(envelope):
         tries.append(1)
         return "421 4.7.0 Too busy, come back later"
+
     smtp.behaviour = always_busy
     insert_jobs(db, [("busy@example.com", "never lands", None)])
     config = make_config(queue={"max_attempts": 3, "retry_delay": 0, "max_retry_delay": 0})
@@ -144,18 +156,25 @@ def test_job_is_dead_once_max_attempts_are_spent(db, smtp, make_config, scripts)
 
 
 def test_bad_address_is_dead_and_does_not_hold_up_the_others(db, smtp, make_config, scripts):
-    insert_jobs(db, [("good1@example.com", "one", None),
-                     ("not an address", "never sent", None),
-                     ("good2@example.com", "two", None)])
+    insert_jobs(
+        db,
+        [
+            ("good1@example.com", "one", None),
+            ("not an address", "never sent", None),
+            ("good2@example.com", "two", None),
+        ],
+    )
     config = make_config()
     assert scripts.run("producer.py", "--config", config, "--once").returncode == 0
     consumed = scripts.run("consumer.py", "--config", config, "--drain")
     assert consumed.returncode == 0 and "Traceback" not in consumed.stderr
 
     rows = query(db, "SELECT email, status, attempts, last_error FROM jobs ORDER BY job_id")
-    assert [(r[0], r[1]) for r in rows] == [("good1@example.com", "completed"),
-                                            ("not an address", "dead"),
-                                            ("good2@example.com", "completed")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("good1@example.com", "completed"),
+        ("not an address", "dead"),
+        ("good2@example.com", "completed"),
+    ]
     assert rows[1][2] == 0, "no send was attempted"
     assert "not a valid address" in rows[1][3]
     assert sorted(recipients(smtp)) == ["good1@example.com", "good2@example.com"]

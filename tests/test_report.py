@@ -12,11 +12,15 @@ from ops_helpers import delivery, finished_job, mailqueue, quantile, waiting_job
 
 
 def deliveries(db):
-    return query(db, "SELECT attempt, outcome, smtp_code, detail, started_at <= finished_at, "
-                     "finished_at IS NOT NULL FROM deliveries ORDER BY delivery_id")
+    return query(
+        db,
+        "SELECT attempt, outcome, smtp_code, detail, started_at <= finished_at, "
+        "finished_at IS NOT NULL FROM deliveries ORDER BY delivery_id",
+    )
 
 
 # ---------------------------------------------------------------- the attempt log
+
 
 def test_a_job_that_fails_once_then_succeeds_has_two_deliveries(db, smtp, make_config, scripts):
     tries = []
@@ -25,6 +29,7 @@ def test_a_job_that_fails_once_then_succeeds_has_two_deliveries(db, smtp, make_c
         tries.append(envelope.rcpt_tos)
         if len(tries) == 1:
             return "451 4.3.0 Temporary local problem, try again"
+
     smtp.behaviour = fail_the_first_try
     insert_jobs(db, [("retry@example.com", "second time lucky", None)])
     config = make_config(queue={"retry_delay": 0.5, "max_retry_delay": 1})
@@ -43,7 +48,8 @@ def test_a_job_that_fails_once_then_succeeds_has_two_deliveries(db, smtp, make_c
 
 
 def test_a_job_rejected_with_5xx_has_one_dead_delivery_with_the_reply(
-        db, smtp, make_config, scripts):
+    db, smtp, make_config, scripts
+):
     smtp.behaviour = lambda envelope: "550 5.1.1 <nobody@example.com>: no such user here"
     insert_jobs(db, [("nobody@example.com", "bounce me", None)])
     config = make_config()
@@ -59,31 +65,43 @@ def test_a_job_rejected_with_5xx_has_one_dead_delivery_with_the_reply(
 
 # ---------------------------------------------------------------- the report
 
+
 @pytest.fixture
 def history(db):
     """A known history: what the report must say about it, worked out here."""
-    lags = [float(n) for n in range(1, 21)]          # 20 jobs sent in the last hour
+    lags = [float(n) for n in range(1, 21)]  # 20 jobs sent in the last hour
     for n, lag in enumerate(lags):
         finished_job(db, "completed", "sent%d@example.com" % n, lag=lag, ago=60 + 90 * n)
-    finished_job(db, "completed", "old@example.com", lag=5000, ago=3 * 3600)   # outside
-    dead_lags = [0.5, 2.5]                           # finished in the window too
+    finished_job(db, "completed", "old@example.com", lag=5000, ago=3 * 3600)  # outside
+    dead_lags = [0.5, 2.5]  # finished in the window too
     refused = []
     for n, lag in enumerate(dead_lags):
         job = finished_job(db, "dead", "gone%d@example.com" % n, lag=lag, ago=120)
         refused.append(job)
-        delivery(db, job, "dead", "recipient refused: 550 5.1.1 <gone%d@example.com>: "
-                                  "Recipient address rejected" % n, 550)
+        delivery(
+            db,
+            job,
+            "dead",
+            "recipient refused: 550 5.1.1 <gone%d@example.com>: Recipient address rejected" % n,
+            550,
+        )
     third = finished_job(db, "dead", "bob.smith+news@example.org", lag=1.0, ago=300)
-    delivery(db, third, "dead", "recipient refused: 550 5.1.1 <bob.smith+news@example.org>: "
-                                "Recipient address rejected", 550)
+    delivery(
+        db,
+        third,
+        "dead",
+        "recipient refused: 550 5.1.1 <bob.smith+news@example.org>: Recipient address rejected",
+        550,
+    )
     dead_lags.append(1.0)
     busy = [waiting_job(db, "failed", "busy%d@example.com" % n, due_ago=-600) for n in range(2)]
-    for n, job in enumerate(busy):
+    for n, job in enumerate(busy):  # noqa: B007
         delivery(db, job, "failed", "mail refused: 451 4.3.0 Try again later", 451, ago=200)
-    delivery(db, busy[0], "failed", "mail refused: 451 4.3.0 Try again later", 451, attempt=2,
-             ago=100)   # the same job twice: one job
+    delivery(
+        db, busy[0], "failed", "mail refused: 451 4.3.0 Try again later", 451, attempt=2, ago=100
+    )  # the same job twice: one job
     delivery(db, busy[1], "failed", "mail refused: 421 4.4.2 Timeout", 421, ago=2 * 3600)  # outside
-    waiting_job(db, "available", "new@example.com", due_ago=300)     # the oldest waiting
+    waiting_job(db, "available", "new@example.com", due_ago=300)  # the oldest waiting
     waiting_job(db, "queued", "queued@example.com", due_ago=120)
     waiting_job(db, "available", "later@example.com", due_ago=-3600)  # not due yet
     finished = lags + dead_lags
@@ -99,15 +117,22 @@ def report_json(make_config, *args):
 def test_report_json_on_a_known_history(db, history, make_config):
     report = report_json(make_config, "--since", "1h")
 
-    assert list(report) == ["statuses", "sent", "sent_per_minute", "lag_seconds",
-                            "oldest_waiting_seconds", "failures"]
+    assert list(report) == [
+        "statuses",
+        "sent",
+        "sent_per_minute",
+        "lag_seconds",
+        "oldest_waiting_seconds",
+        "failures",
+    ]
     assert report["statuses"] == dict({s: 0 for s in STATUSES}, **status_counts(db))
     assert report["statuses"]["queued"] == 1 and set(report["statuses"]) == set(STATUSES)
     assert report["sent"] == history["sent"]
     assert report["sent_per_minute"] == pytest.approx(history["sent"] / 60.0, abs=0.001)
     lags = history["lags"]
     assert report["lag_seconds"] == pytest.approx(
-        {"p50": quantile(lags, 0.5), "p95": quantile(lags, 0.95), "max": max(lags)}, abs=0.01)
+        {"p50": quantile(lags, 0.5), "p95": quantile(lags, 0.95), "max": max(lags)}, abs=0.01
+    )
     # run_at was set 300 s before the report ran: a little more by now
     assert history["oldest"] <= report["oldest_waiting_seconds"] < history["oldest"] + 60
 
@@ -128,9 +153,14 @@ def test_report_window_decides_what_is_counted(db, history, make_config):
 
 def test_report_on_an_empty_queue_has_zeros_and_nulls(make_config):
     report = report_json(make_config)
-    assert report == {"statuses": {s: 0 for s in STATUSES}, "sent": 0, "sent_per_minute": 0.0,
-                      "lag_seconds": {"p50": None, "p95": None, "max": None},
-                      "oldest_waiting_seconds": None, "failures": []}
+    assert report == {
+        "statuses": {s: 0 for s in STATUSES},
+        "sent": 0,
+        "sent_per_minute": 0.0,
+        "lag_seconds": {"p50": None, "p95": None, "max": None},
+        "oldest_waiting_seconds": None,
+        "failures": [],
+    }
 
 
 def test_report_in_words_for_people(db, history, make_config):

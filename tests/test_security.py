@@ -43,8 +43,9 @@ class Logins:
 
     def __call__(self, server, session, envelope, mechanism, auth_data):
         self.attempts.append((mechanism, session.ssl is not None))
-        return AuthResult(success=(auth_data.login, auth_data.password) == self.expected,
-                          handled=False)
+        return AuthResult(
+            success=(auth_data.login, auth_data.password) == self.expected, handled=False
+        )
 
 
 def send_one(db, scripts, config, *extra):
@@ -53,14 +54,25 @@ def send_one(db, scripts, config, *extra):
     return scripts.run("consumer.py", "--config", config, "--drain", *extra)
 
 
-def test_starttls_with_a_trusted_certificate_and_auth_delivers(db, ca, ca_file, make_config,
-                                                                scripts):
+def test_starttls_with_a_trusted_certificate_and_auth_delivers(
+    db, ca, ca_file, make_config, scripts
+):
     logins = Logins()
-    with SmtpSink(tls_context=server_context(ca), require_starttls=True,
-                  authenticator=logins, auth_required=True) as server:
-        config = make_config(smtp_overrides={"port": server.port, "security": "starttls",
-                                             "ca_file": ca_file, "user": "mailer",
-                                             "password": PASSWORD})
+    with SmtpSink(
+        tls_context=server_context(ca),
+        require_starttls=True,
+        authenticator=logins,
+        auth_required=True,
+    ) as server:
+        config = make_config(
+            smtp_overrides={
+                "port": server.port,
+                "security": "starttls",
+                "ca_file": ca_file,
+                "user": "mailer",
+                "password": PASSWORD,
+            }
+        )
         result = send_one(db, scripts, config, "--log-level", "DEBUG")
         assert result.returncode == 0, result.stderr
         assert recipients(server) == ["tls@example.com"]
@@ -70,15 +82,17 @@ def test_starttls_with_a_trusted_certificate_and_auth_delivers(db, ca, ca_file, 
 
 def test_implicit_tls_delivers(db, ca, ca_file, make_config, scripts):
     with SmtpSink(ssl_context=server_context(ca)) as server:
-        config = make_config(smtp_overrides={"port": server.port, "security": "ssl",
-                                             "ca_file": ca_file})
+        config = make_config(
+            smtp_overrides={"port": server.port, "security": "ssl", "ca_file": ca_file}
+        )
         assert send_one(db, scripts, config).returncode == 0
         assert recipients(server) == ["tls@example.com"]
 
 
 @pytest.mark.parametrize("problem", ["untrusted CA", "no ca_file", "wrong host name"])
-def test_a_certificate_that_does_not_verify_sends_nothing(problem, db, ca, tmp_path, make_config,
-                                                          scripts):
+def test_a_certificate_that_does_not_verify_sends_nothing(
+    problem, db, ca, tmp_path, make_config, scripts
+):
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
     names = ("mail.example.org",) if problem == "wrong host name" else ()
@@ -88,9 +102,15 @@ def test_a_certificate_that_does_not_verify_sends_nothing(problem, db, ca, tmp_p
         ca.cert_pem.write_to_path(ca_file)
     logins = Logins()
     with SmtpSink(tls_context=server_context(ca, *names), authenticator=logins) as server:
-        config = make_config(smtp_overrides={"port": server.port, "security": "starttls",
-                                             "ca_file": ca_file, "user": "mailer",
-                                             "password": PASSWORD})
+        config = make_config(
+            smtp_overrides={
+                "port": server.port,
+                "security": "starttls",
+                "ca_file": ca_file,
+                "user": "mailer",
+                "password": PASSWORD,
+            }
+        )
         result = send_one(db, scripts, config)
         assert recipients(server) == []
     assert result.returncode != 0
@@ -102,21 +122,35 @@ def test_a_certificate_that_does_not_verify_sends_nothing(problem, db, ca, tmp_p
 def test_starttls_never_falls_back_to_plain_text(db, make_config, scripts):
     logins = Logins()
     with SmtpSink(authenticator=logins, auth_require_tls=False) as server:  # offers no STARTTLS
-        config = make_config(smtp_overrides={"port": server.port, "security": "starttls",
-                                             "user": "mailer", "password": PASSWORD})
+        config = make_config(
+            smtp_overrides={
+                "port": server.port,
+                "security": "starttls",
+                "user": "mailer",
+                "password": PASSWORD,
+            }
+        )
         result = send_one(db, scripts, config)
         assert recipients(server) == []
     assert result.returncode != 0 and "STARTTLS" in result.stderr
     assert logins.attempts == []
 
 
-def test_a_refused_login_is_one_clear_line_without_the_password(db, ca, ca_file, make_config,
-                                                                 scripts):
-    with SmtpSink(tls_context=server_context(ca), authenticator=Logins(password="other"),
-                  auth_required=True) as server:
-        config = make_config(smtp_overrides={"port": server.port, "security": "starttls",
-                                             "ca_file": ca_file, "user": "mailer",
-                                             "password": PASSWORD})
+def test_a_refused_login_is_one_clear_line_without_the_password(
+    db, ca, ca_file, make_config, scripts
+):
+    with SmtpSink(
+        tls_context=server_context(ca), authenticator=Logins(password="other"), auth_required=True
+    ) as server:
+        config = make_config(
+            smtp_overrides={
+                "port": server.port,
+                "security": "starttls",
+                "ca_file": ca_file,
+                "user": "mailer",
+                "password": PASSWORD,
+            }
+        )
         result = send_one(db, scripts, config, "--log-level", "DEBUG")
     assert result.returncode != 0
     assert "SMTP login as 'mailer' refused: 535" in result.stderr
@@ -125,18 +159,27 @@ def test_a_refused_login_is_one_clear_line_without_the_password(db, ca, ca_file,
 
 
 def test_smtp_password_from_the_environment_is_used_and_never_logged(
-        db, ca, ca_file, make_config, scripts):
+    db, ca, ca_file, make_config, scripts
+):
     logins = Logins()
-    with SmtpSink(tls_context=server_context(ca), authenticator=logins,
-                  auth_required=True) as server:
-        config = make_config(smtp_overrides={"port": server.port, "security": "starttls",
-                                             "ca_file": ca_file, "user": "mailer",
-                                             "password": "wrong-in-file"})
+    with SmtpSink(
+        tls_context=server_context(ca), authenticator=logins, auth_required=True
+    ) as server:
+        config = make_config(
+            smtp_overrides={
+                "port": server.port,
+                "security": "starttls",
+                "ca_file": ca_file,
+                "user": "mailer",
+                "password": "wrong-in-file",
+            }
+        )
         insert_jobs(db, [("env@example.com", "x", None)])
         env = dict(os.environ, MAILQUEUE_SMTP_PASSWORD=PASSWORD)
         assert scripts.run("producer.py", "--config", config, "--once").returncode == 0
-        result = scripts.run("consumer.py", "--config", config, "--drain", "--log-level",
-                             "DEBUG", env=env)
+        result = scripts.run(
+            "consumer.py", "--config", config, "--drain", "--log-level", "DEBUG", env=env
+        )
         assert result.returncode == 0, result.stderr
         assert recipients(server) == ["env@example.com"]
     assert PASSWORD not in result.stderr
@@ -157,8 +200,11 @@ def roles(postgres, database):
     logins = {}
     for name, unique in names.items():
         logins[name] = unique + "_login"
-        query(admin, 'CREATE ROLE "%s" LOGIN PASSWORD %%s IN ROLE "%s"' % (logins[name], unique),
-              (PASSWORD,))
+        query(
+            admin,
+            'CREATE ROLE "%s" LOGIN PASSWORD %%s IN ROLE "%s"' % (logins[name], unique),
+            (PASSWORD,),
+        )
     yield logins
     for role in list(logins.values()) + list(names.values()):
         query(admin, 'DROP OWNED BY "%s"' % role)
@@ -166,17 +212,26 @@ def roles(postgres, database):
     admin.close()
 
 
-def test_scripts_work_under_the_least_privilege_roles(postgres, database, roles, smtp,
-                                                      make_config, scripts):
-    settings = dict(postgres.settings_for(database), user=roles["mailqueue_worker"],
-                    password=PASSWORD)
+def test_scripts_work_under_the_least_privilege_roles(
+    postgres, database, roles, smtp, make_config, scripts
+):
+    settings = dict(
+        postgres.settings_for(database), user=roles["mailqueue_worker"], password=PASSWORD
+    )
     config = make_config(database=settings)
     app = psycopg2.connect(postgres.dsn(database), user=roles["mailqueue_app"], password=PASSWORD)
     app.autocommit = True
-    [(job_id,)] = query(app, "INSERT INTO jobs(email, content_message) "
-                             "VALUES ('least@example.com', 'privilege') RETURNING job_id")
-    for forbidden in ("SELECT email FROM jobs", "UPDATE jobs SET status = 'dead'",
-                      "DELETE FROM jobs", "SELECT * FROM queue"):
+    [(job_id,)] = query(
+        app,
+        "INSERT INTO jobs(email, content_message) "
+        "VALUES ('least@example.com', 'privilege') RETURNING job_id",
+    )
+    for forbidden in (
+        "SELECT email FROM jobs",
+        "UPDATE jobs SET status = 'dead'",
+        "DELETE FROM jobs",
+        "SELECT * FROM queue",
+    ):
         with pytest.raises(psycopg2.errors.InsufficientPrivilege):
             query(app, forbidden)
     app.close()
@@ -186,12 +241,16 @@ def test_scripts_work_under_the_least_privilege_roles(postgres, database, roles,
         assert result.returncode == 0, result.stderr
     assert recipients(smtp) == ["least@example.com"]
 
-    worker = psycopg2.connect(postgres.dsn(database), user=roles["mailqueue_worker"],
-                              password=PASSWORD)
+    worker = psycopg2.connect(
+        postgres.dsn(database), user=roles["mailqueue_worker"], password=PASSWORD
+    )
     worker.autocommit = True
     assert query(worker, "SELECT status FROM jobs WHERE job_id = %s", (job_id,)) == [("completed",)]
-    for forbidden in ("UPDATE jobs SET email = 'other@example.com'", "DELETE FROM jobs",
-                      "INSERT INTO jobs(email, content_message) VALUES ('a@example.com', 'x')"):
+    for forbidden in (
+        "UPDATE jobs SET email = 'other@example.com'",
+        "DELETE FROM jobs",
+        "INSERT INTO jobs(email, content_message) VALUES ('a@example.com', 'x')",
+    ):
         with pytest.raises(psycopg2.errors.InsufficientPrivilege):
             query(worker, forbidden)
     worker.close()
