@@ -115,6 +115,15 @@ def _valid_ascii_domain(domain, allow_local=False):
         return None
 
 
+def _holds_several_addresses(value):
+    """Whether `value` reads as a list, e.g. 'a@example.org, b@example.org' or
+    'a@example.org; b@example.org'. Only to word an error: Python 3.13's strict
+    getaddresses reads a ';'-separated list as one unparseable address, so ';'
+    is counted as the ',' people meant."""
+    found = [address for _, address in getaddresses([value.replace(";", ",")]) if address]
+    return len(found) > 1
+
+
 def parse_mailbox(value, what, allow_local=False):
     """One address, bare or with a display name: 'Name <address>', '"Name, Inc."
     <address>' or 'address' -> (display name, Address). BadAddress for anything
@@ -142,7 +151,7 @@ def parse_mailbox(value, what, allow_local=False):
         else (address, "<%s>" % address)
     )
     if not address or " ".join(value.split()) not in forms:
-        if len(getaddresses([value])) > 1:
+        if _holds_several_addresses(value):
             raise BadAddress(
                 "%s %s holds more than one address; one is expected" % (what, _shown(value))
             )
