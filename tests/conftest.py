@@ -18,7 +18,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from helpers import ROOT
+from helpers import PASSWORD, ROOT, query
 from mailqueue.devservers import (
     SmtpSink,
     ThrowawayPgbouncer,
@@ -209,3 +209,30 @@ def scripts(tmp_path):
     s = Scripts(tmp_path)
     yield s
     s.cleanup()
+
+
+@pytest.fixture
+def roles(postgres, database):
+    """sql/roles.sql under names of this test's own, and a login role for each."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {"mailqueue_app": "mqtest_app_" + suffix, "mailqueue_worker": "mqtest_worker_" + suffix}
+    script = open(os.path.join(ROOT, "sql", "roles.sql"), encoding="utf-8").read()
+    for name, unique in names.items():
+        script = script.replace(name, unique)
+    admin = psycopg2.connect(postgres.dsn(database))
+    admin.autocommit = True
+    query(admin, script)
+    query(admin, script)  # runs again without complaint
+    logins = {}
+    for name, unique in names.items():
+        logins[name] = unique + "_login"
+        query(
+            admin,
+            'CREATE ROLE "%s" LOGIN PASSWORD %%s IN ROLE "%s"' % (logins[name], unique),
+            (PASSWORD,),
+        )
+    yield logins
+    for role in list(logins.values()) + list(names.values()):
+        query(admin, 'DROP OWNED BY "%s"' % role)
+        query(admin, 'DROP ROLE "%s"' % role)
+    admin.close()

@@ -7,6 +7,8 @@ import re
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The password of every login the tests make: it must never show in a log or page.
+PASSWORD = "s3cret-Pässwörd-never-logged"
 
 
 def wait_until(condition, timeout=60.0, what="condition"):

@@ -10,11 +10,10 @@ import tempfile
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import status_counts
+from helpers import PASSWORD, status_counts
 from mailqueue.dashboard import mask
 from mailqueue.report import STATUSES
 from ops_helpers import Dashboard, delivery, finished_job, mailqueue, waiting_job
-from test_security import PASSWORD, roles  # noqa: F401 (roles is a fixture)
 
 SECRET_BODY = "the body of a mail nobody but its recipient reads"
 
@@ -140,7 +139,7 @@ def test_on_another_address_it_asks_for_the_password(db, make_config, tmp_path):
 def test_the_worker_role_is_enough(
     postgres,
     database,
-    roles,  # noqa: F811
+    roles,
     activity,  # noqa: F811
     make_config,
     tmp_path,

@@ -11,10 +11,9 @@ import dkim
 import psycopg2
 import pytest
 
-from helpers import copies, query, recipients, send_what_is_queued, status_counts
+from helpers import PASSWORD, copies, query, recipients, send_what_is_queued, status_counts
 from mailqueue.devservers import SmtpSink
 from test_message import BINARY, HTML, VIETNAMESE, dns_for, write_dkim_key
-from test_security import PASSWORD, roles  # noqa: F401  (the roles fixture)
 
 LOGO = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) + b"\r\n.\r\n"
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n.\n\x00\x00\r\n.\r\n" + BINARY
@@ -503,7 +502,7 @@ def test_an_unreadable_dkim_key_stops_the_consumer_with_one_line(make_config, sc
 def test_the_application_role_inserts_jobs_with_files_and_the_worker_cannot_change_them(
     postgres,
     database,
-    roles,  # noqa: F811  (the fixture imported from test_security)
+    roles,
     smtp,
     make_config,
     scripts,

@@ -3,17 +3,14 @@ of logs and errors, and least-privilege database roles."""
 
 import os
 import ssl
-import uuid
 
 import psycopg2
 import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult
 
-from helpers import ROOT, insert_jobs, query, recipients, status_counts
+from helpers import PASSWORD, insert_jobs, query, recipients, status_counts
 from mailqueue.devservers import SmtpSink
-
-PASSWORD = "s3cret-Pässwörd-never-logged"
 
 
 @pytest.fixture(scope="module")
@@ -183,33 +180,6 @@ def test_smtp_password_from_the_environment_is_used_and_never_logged(
         assert result.returncode == 0, result.stderr
         assert recipients(server) == ["env@example.com"]
     assert PASSWORD not in result.stderr
-
-
-@pytest.fixture
-def roles(postgres, database):
-    """sql/roles.sql under names of this test's own, and a login role for each."""
-    suffix = uuid.uuid4().hex[:8]
-    names = {"mailqueue_app": "mqtest_app_" + suffix, "mailqueue_worker": "mqtest_worker_" + suffix}
-    script = open(os.path.join(ROOT, "sql", "roles.sql"), encoding="utf-8").read()
-    for name, unique in names.items():
-        script = script.replace(name, unique)
-    admin = psycopg2.connect(postgres.dsn(database))
-    admin.autocommit = True
-    query(admin, script)
-    query(admin, script)  # runs again without complaint
-    logins = {}
-    for name, unique in names.items():
-        logins[name] = unique + "_login"
-        query(
-            admin,
-            'CREATE ROLE "%s" LOGIN PASSWORD %%s IN ROLE "%s"' % (logins[name], unique),
-            (PASSWORD,),
-        )
-    yield logins
-    for role in list(logins.values()) + list(names.values()):
-        query(admin, 'DROP OWNED BY "%s"' % role)
-        query(admin, 'DROP ROLE "%s"' % role)
-    admin.close()
 
 
 def test_scripts_work_under_the_least_privilege_roles(
