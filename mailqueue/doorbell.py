@@ -8,16 +8,24 @@ function. A lost notification therefore delays work by one poll interval at
 most, never strands it. Shared by consumer.py and producer.py.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import random
 import signal
 import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pgnotify
 import pgnotify.notify
 
 from mailqueue import db, smtp
+
+if TYPE_CHECKING:
+    import multiprocessing.context
+
+    import psycopg2.extensions
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +36,10 @@ log = logging.getLogger(__name__)
 pgnotify.notify.log = logging.getLogger("pgnotify")
 pgnotify.notify.log.setLevel(logging.WARNING)
 
-_wakeup_pipe = None  # (read, write) of the pipe pgnotify's loop last made
+_wakeup_pipe: tuple[int, int] | None = None  # (read, write) of the pipe pgnotify's loop last made
 
 
-def _new_wakeup_pipe():
+def _new_wakeup_pipe() -> int:
     """pgnotify's get_wakeup_fd (the pipe that signals write to while its loop
     waits), but closing the previous loop's pipe, which pgnotify never closes:
     every reconnect would lose two file descriptors. One loop runs at a time in
@@ -59,39 +67,39 @@ class Stop:
     In a worker process (`parent` set), it is also set once the parent asks
     (through shared memory, see share()) or is gone."""
 
-    def __init__(self, farewell="stopping"):
+    def __init__(self, farewell: str = "stopping") -> None:
         self.farewell = farewell  # what a stop signal makes happen, for the log
         self._requested = False
-        self.parent = None
-        self._shared = None
+        self.parent: int | None = None  # the parent's pid, in a worker process
+        self._shared: Any = None
 
-    def share(self, context):
+    def share(self, context: multiprocessing.context.BaseContext) -> None:
         """Before forking workers: let them see at once when this process stops."""
         self._shared = context.Value("b", 0, lock=False)
 
     @property
-    def requested(self):
+    def requested(self) -> bool:
         if self.parent is not None and not self._requested:
             if os.getppid() != self.parent or (self._shared is not None and self._shared.value):
                 self._requested = True
         return self._requested
 
     @requested.setter
-    def requested(self, value):
+    def requested(self, value: bool) -> None:
         self._requested = value
         if value and self.parent is None and self._shared is not None:
             self._shared.value = 1
 
-    def install(self):
+    def install(self) -> None:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
 
-    def _on_signal(self, signum, frame):
+    def _on_signal(self, signum: int, frame: Any) -> None:
         if not self._requested:
             log.info("%s received: %s", signal.Signals(signum).name, self.farewell)
         self.requested = True
 
-    def sleep(self, seconds):
+    def sleep(self, seconds: float) -> None:
         """Sleep, but wake up early if a stop is requested."""
         deadline = time.monotonic() + seconds
         while not self.requested and time.monotonic() < deadline:
@@ -101,7 +109,7 @@ class Stop:
 RING = int(signal.SIGUSR2)  # the byte a thread writes to wake the loop; never a stop signal
 
 
-def ring():
+def ring() -> None:
     """Wake the loop of this process now (from any thread): it runs its work as on
     a notification. Before the loop waits for the first time, a ring is not
     needed: it works once at start-up anyway."""
@@ -112,7 +120,9 @@ def ring():
             pass  # the pipe is full (the loop has been rung already) or closed
 
 
-def wakeups(listen_conn, channel, poll_interval, stop):
+def wakeups(
+    listen_conn: psycopg2.extensions.connection, channel: str, poll_interval: float, stop: Stop
+) -> Iterator[str]:
     """Yield "start-up" once LISTEN is in place, then "notification", "ring" or
     "timeout" at each wake-up, until a stop is requested. Runs on the main thread
     (signals can only be handled there).
@@ -158,14 +168,14 @@ def wakeups(listen_conn, channel, poll_interval, stop):
         events.close()
 
 
-def run_until_stopped(serve, stop, what):
+def run_until_stopped(serve: Callable[[Callable[[], None]], bool], stop: Stop, what: str) -> None:
     """Call serve(working) until it returns True or a stop is requested. A
     database or SMTP server that goes away, or is not up yet, is waited for with
     exponential backoff, one log line per try; serve calls working() once its
     connections work, and the next wait starts from the shortest again."""
     delay = [RECONNECT_DELAY_MIN]
 
-    def working():
+    def working() -> None:
         delay[0] = RECONNECT_DELAY_MIN
 
     while not stop.requested:
