@@ -12,41 +12,45 @@ the rows held that are no longer ours (a job deleted, its status changed by hand
 the queue truncated): those are not sent either.
 """
 
+from __future__ import annotations
+
 import threading
 import time
+from typing import Any, Callable, Iterable
 
 
-def lease_margin(lease):
+def lease_margin(lease: float) -> float:
     """Seconds of the lease the process never uses: for the clocks, the time a
     write takes, and a heartbeat that comes back late."""
     return max(0.5, 0.2 * lease)
 
 
 class Claims:
-    def __init__(self, lease, clock=time.monotonic):
+    def __init__(self, lease: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.lease = lease
         self.clock = clock
         self.changed = threading.Condition()  # notified on every heartbeat and outcome
-        self.consumer_id = None
-        self.held = {}  # queue_id -> job, from the claim until its outcome is durable
-        self.lost = set()  # queue_ids held that are no longer ours
+        self.consumer_id: int | None = None
+        # queue_id -> job, from the claim until its outcome is durable
+        self.held: dict[int, dict[str, Any]] = {}
+        self.lost: set[int] = set()  # queue_ids held that are no longer ours
         self.valid_until = 0.0
 
-    def registered(self, consumer_id, sent_at):
+    def registered(self, consumer_id: int, sent_at: float) -> None:
         with self.changed:
             self.consumer_id = consumer_id
             self._renew(sent_at)
 
-    def _renew(self, sent_at):
+    def _renew(self, sent_at: float) -> None:
         self.valid_until = sent_at + self.lease - lease_margin(self.lease)
         self.changed.notify_all()
 
-    def add(self, jobs):
+    def add(self, jobs: Iterable[dict[str, Any]]) -> None:
         with self.changed:
             for job in jobs:
                 self.held[job["queue_id"]] = job
 
-    def forget(self, queue_ids):
+    def forget(self, queue_ids: Iterable[int]) -> None:
         """Their outcomes are durable (or they were never ours)."""
         with self.changed:
             for queue_id in queue_ids:
@@ -54,11 +58,11 @@ class Claims:
                 self.lost.discard(queue_id)
             self.changed.notify_all()
 
-    def held_ids(self):
+    def held_ids(self) -> list[int]:
         with self.changed:
             return list(self.held)
 
-    def beat(self, sent_at, alive, lost):
+    def beat(self, sent_at: float, alive: bool, lost: Iterable[int]) -> None:
         """A heartbeat came back: the lease runs on from `sent_at`, or, if our row
         is gone (`alive` false), nothing we hold is ours any more."""
         with self.changed:
@@ -71,22 +75,22 @@ class Claims:
                 self.valid_until = 0.0
                 self.changed.notify_all()
 
-    def is_lost(self, queue_id):
+    def is_lost(self, queue_id: int) -> bool:
         # No lock: a set's membership test is atomic under the GIL, and taking
         # the lock gave no stronger answer (a heartbeat may mark the claim lost
         # just after either way; the lease margin covers that window). Called
         # 3.5 times per mail; the lock was ~2 us of each.
         return queue_id in self.lost
 
-    def lease_holds(self):
+    def lease_holds(self) -> bool:
         return self.consumer_id is not None and self.clock() < self.valid_until
 
-    def may_send(self, queue_id):
+    def may_send(self, queue_id: int) -> bool:
         """Whether the content of this claim's mail may go now."""
         with self.changed:
             return queue_id not in self.lost and self.lease_holds()
 
-    def wait(self, timeout):
+    def wait(self, timeout: float | None) -> None:
         """Until something changes (a heartbeat, an outcome), or `timeout` seconds."""
         with self.changed:
             self.changed.wait(timeout)

@@ -1,8 +1,11 @@
 """Connections to PostgreSQL, and the named queries of sql/queries.sql."""
 
+from __future__ import annotations
+
 import logging
 import os
 import re
+from typing import Any
 
 import psycopg2
 
@@ -27,7 +30,7 @@ _CONNECT_OPTIONS = dict(
 _HEADER = re.compile(r"^-- (\w+) --$", re.MULTILINE)
 
 
-def load_queries(path=os.path.join(SQL_DIR, "queries.sql")):  # noqa: B008
+def load_queries(path: str = os.path.join(SQL_DIR, "queries.sql")) -> dict[str, str]:  # noqa: B008
     """{name: sql} from a file of `-- name --` headers, each followed by one query."""
     with open(path, encoding="utf-8") as f:
         parts = _HEADER.split(f.read())
@@ -54,7 +57,7 @@ class Connection(psycopg2.extensions.connection):
     no_flush = False
 
 
-def run(conn, name, **params):
+def run(conn: psycopg2.extensions.connection, name: str, **params: Any) -> Any:
     """Run the query `name` of sql/queries.sql in its own transaction (`conn` is
     in autocommit mode); its rows, or for a statement that returns none, how
     many rows it changed."""
@@ -66,7 +69,9 @@ def run(conn, name, **params):
         return cur.fetchall() if cur.description else cur.rowcount
 
 
-def run_dicts(conn, name, **params):
+def run_dicts(
+    conn: psycopg2.extensions.connection, name: str, **params: Any
+) -> list[dict[str, Any]]:
     """run() for a query that returns rows: each row as a dict by column name."""
     with conn.cursor() as cur:
         cur.execute(QUERIES[name], params or None)
@@ -78,12 +83,14 @@ class DatabaseUnavailable(Exception):
     """The database cannot be reached; the message is one line without the password.
     `fatal`: waiting will not help (see is_fatal)."""
 
-    def __init__(self, message, fatal=False):
+    def __init__(self, message: str, fatal: bool = False) -> None:
         super().__init__(message)
         self.fatal = fatal
 
 
-def connect(database_settings, application_name, wait_for_flush=True):
+def connect(
+    database_settings: dict[str, Any], application_name: str, wait_for_flush: bool = True
+) -> Connection:
     """A new autocommit connection with keepalives, or DatabaseUnavailable.
 
     wait_for_flush=False runs its statements with synchronous_commit off: a commit
@@ -105,7 +112,7 @@ def connect(database_settings, application_name, wait_for_flush=True):
     return conn
 
 
-def is_fatal(exc):
+def is_fatal(exc: BaseException) -> bool:
     """Whether a failed connection attempt is one that waiting cannot fix (a
     password refused, no such database or role, the server refusing this client),
     as opposed to a server that is not up yet or cannot be reached."""
@@ -125,7 +132,7 @@ _FATAL_CONNECT_ERRORS = (
 )
 
 
-def describe(exc, database_settings=None):
+def describe(exc: BaseException, database_settings: dict[str, Any] | None = None) -> str:
     """A one-line description of a database error, never containing the password."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     password = (database_settings or {}).get("password")
@@ -136,7 +143,7 @@ def describe(exc, database_settings=None):
     return text
 
 
-def where(database_settings):
+def where(database_settings: dict[str, Any]) -> str:
     """'database NAME at HOST:PORT', for messages."""
     return "database %s at %s:%s" % (
         database_settings.get("database", "?"),
@@ -145,7 +152,7 @@ def where(database_settings):
     )
 
 
-def close_quietly(conn):
+def close_quietly(conn: psycopg2.extensions.connection | None) -> None:
     if conn is not None and not conn.closed:
         try:
             conn.close()

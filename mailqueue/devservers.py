@@ -11,6 +11,8 @@ SmtpSink is aiosmtpd on 127.0.0.1, keeping what it receives in memory and, if
 asked, in a Maildir; `behaviour` can make it refuse or fail mails.
 """
 
+from __future__ import annotations
+
 import asyncio
 import atexit
 import importlib.util
@@ -22,11 +24,15 @@ import subprocess
 import tempfile
 import threading
 import time
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import psycopg2
 
+if TYPE_CHECKING:
+    from aiosmtpd.controller import Controller
 
-def free_port():
+
+def free_port() -> int:
     """A TCP port nobody listens on right now (aiosmtpd cannot take port 0 itself)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,7 +50,7 @@ def _pg_bin_dir():
     return os.path.join(os.path.dirname(spec.origin), "pginstall", "bin")
 
 
-def _unprivileged_prefix(folder):
+def _unprivileged_prefix(folder: str) -> list[str]:
     """The command prefix that runs PostgreSQL as a user it accepts."""
     if os.geteuid() != 0:
         return []
@@ -64,13 +70,16 @@ def _unprivileged_prefix(folder):
 class ThrowawayPostgres:
     # Fast for tests: no fsync (an OS crash would lose data, a server crash would
     # not). synchronous_commit stays on, so a crash test means what it says.
-    def __init__(self, settings=("fsync=off", "full_page_writes=off", "max_connections=200")):
+    def __init__(
+        self,
+        settings: Sequence[str] = ("fsync=off", "full_page_writes=off", "max_connections=200"),
+    ) -> None:
         self.settings = settings
-        self.folder = None
-        self.port = None
-        self.prefix = []
+        self.folder: str | None = None
+        self.port: int | None = None
+        self.prefix: list[str] = []
 
-    def start(self):
+    def start(self) -> ThrowawayPostgres:
         bin_dir = _pg_bin_dir()
         self.folder = tempfile.mkdtemp(prefix="mailqueue-pg-")
         os.chmod(self.folder, 0o755)
@@ -95,7 +104,7 @@ class ThrowawayPostgres:
         atexit.register(self.stop)  # even if the caller forgets, or fails first
         return self
 
-    def stop(self):
+    def stop(self) -> None:
         if self.folder is None:
             return
         try:
@@ -105,7 +114,7 @@ class ThrowawayPostgres:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 
-    def restart(self, mode="fast"):
+    def restart(self, mode: str = "fast") -> None:
         """Stop (fast: connections closed, all flushed; immediate: as in a crash,
         recovered from the WAL at start) and start again on the same port."""
         self._pg_ctl("restart", "-m", mode)
@@ -133,13 +142,14 @@ class ThrowawayPostgres:
     def _data(self):
         return os.path.join(self.folder, "data")
 
-    def version(self):
-        return run_sql(self.dsn(), "SHOW server_version")[0][0]
+    def version(self) -> str:
+        return run_sql(self.dsn(), "SHOW server_version")[0][0]  # type: ignore[index]  # one row
 
-    def dsn(self, database="postgres"):
-        return "host=127.0.0.1 port=%d user=postgres dbname=%s" % (self.port, database)
+    def dsn(self, database: str = "postgres") -> str:
+        # self.port is set by start()
+        return "host=127.0.0.1 port=%d user=postgres dbname=%s" % (self.port, database)  # type: ignore[str-format]
 
-    def settings_for(self, database):
+    def settings_for(self, database: str) -> dict[str, Any]:
         """The configuration's `database` section for one database."""
         return {
             "database": database,
@@ -149,7 +159,7 @@ class ThrowawayPostgres:
             "port": self.port,
         }
 
-    def _run(self, command):
+    def _run(self, command: list[str]) -> None:
         # Output goes to a file, not a pipe: the server that pg_ctl starts would
         # hold a pipe open, and reading it would never end.
         with tempfile.TemporaryFile() as output:
@@ -163,10 +173,10 @@ class ThrowawayPostgres:
                     % (os.path.basename(command[0]), output.read().decode(errors="replace"))
                 )
 
-    def __enter__(self):
+    def __enter__(self) -> ThrowawayPostgres:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -177,23 +187,33 @@ class ThrowawayPgbouncer:
     refuses to run as root, so it runs as PostgreSQL does here (unshare, or
     nobody). `settings` adds or overrides lines of its [pgbouncer] section."""
 
+    folder: str | None
+    port: int | None
+    process: subprocess.Popen[bytes] | None
+
     def __init__(
-        self, target_host, target_port, user, password="", pool_mode="transaction", settings=None
-    ):
+        self,
+        target_host: str,
+        target_port: int,
+        user: str,
+        password: str = "",
+        pool_mode: str = "transaction",
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.target = (target_host, target_port)
         self.user, self.password = user, password
         self.settings = dict({"pool_mode": pool_mode}, **(settings or {}))
         self.folder = self.port = self.process = None
 
     @staticmethod
-    def binary():
+    def binary() -> str | None:
         """The pgbouncer program, or None if it is not installed."""
         return shutil.which("pgbouncer") or next(
             (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)),
             None,
         )
 
-    def start(self, timeout=30.0):
+    def start(self, timeout: float = 30.0) -> ThrowawayPgbouncer:
         program = self.binary()
         if program is None:
             raise RuntimeError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
@@ -242,7 +262,7 @@ class ThrowawayPgbouncer:
                     raise RuntimeError("pgbouncer did not start:\n%s" % self.log()) from None
                 time.sleep(0.05)
 
-    def admin(self, command):
+    def admin(self, command: str) -> list[dict[str, Any]]:
         """A command on its console (the `pgbouncer` database); the rows as dicts."""
         conn = psycopg2.connect(
             host="127.0.0.1",
@@ -261,7 +281,7 @@ class ThrowawayPgbouncer:
         finally:
             conn.close()
 
-    def settings_for(self, database):
+    def settings_for(self, database: str) -> dict[str, Any]:
         """The configuration's `database` section, through pgbouncer."""
         return {
             "database": database,
@@ -271,14 +291,14 @@ class ThrowawayPgbouncer:
             "port": self.port,
         }
 
-    def log(self):
-        try:
-            with open(os.path.join(self.folder, "pgbouncer.log"), errors="replace") as f:
+    def log(self) -> str:
+        try:  # self.folder is set by start()
+            with open(os.path.join(self.folder, "pgbouncer.log"), errors="replace") as f:  # type: ignore[arg-type]
                 return f.read()
         except OSError:
             return ""
 
-    def stop(self):
+    def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -291,14 +311,16 @@ class ThrowawayPgbouncer:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
-    def __enter__(self):
+    def __enter__(self) -> ThrowawayPgbouncer:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def run_sql(dsn, sql, params=None):
+def run_sql(
+    dsn: str, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
+) -> list[tuple[Any, ...]] | None:
     """Run `sql` on a connection of its own, in autocommit; the rows, if any."""
     conn = psycopg2.connect(dsn)
     try:
@@ -310,7 +332,7 @@ def run_sql(dsn, sql, params=None):
         conn.close()
 
 
-def apply_schema(dsn, path=None):
+def apply_schema(dsn: str, path: str | None = None) -> None:
     """Run sql/schema.sql as one script, as pgAdmin's Query Tool or psql would."""
     from mailqueue.db import SQL_DIR  # beside the package, or inside it once installed
 
@@ -334,26 +356,28 @@ class SmtpSink:
 
     def __init__(
         self,
-        maildir=None,
-        behaviour=None,
-        pipelining=True,
-        mail_behaviour=None,
-        port=None,
-        **controller_options,
-    ):
+        maildir: str | None = None,
+        behaviour: Callable[[Any], Any] | None = None,
+        pipelining: bool = True,
+        mail_behaviour: Callable[[Any], str | None] | None = None,
+        port: int | None = None,
+        **controller_options: Any,
+    ) -> None:
         self.maildir = maildir
         self.pipelining = pipelining  # offer PIPELINING (RFC 2920), as Postfix does
         self.behaviour = behaviour
         self.mail_behaviour = mail_behaviour
         self.controller_options = controller_options
-        self.received = []  # (mail_from, [rcpt_tos], content bytes, arrival time)
-        self.began = []  # when each received mail's MAIL FROM came, in the same order
+        # (mail_from, [rcpt_tos], content bytes, arrival time)
+        self.received: list[tuple[str, list[str], bytes, float]] = []
+        # when each received mail's MAIL FROM came, in the same order
+        self.began: list[float | None] = []
         self.lock = threading.Lock()
         self.arrived = threading.Condition(self.lock)
-        self.controller = None
+        self.controller: Controller | None = None
         self.port = port
 
-    def start(self):
+    def start(self) -> SmtpSink:
         """Listen (again, on the same port after a stop)."""
         from aiosmtpd.controller import Controller
 
@@ -364,18 +388,22 @@ class SmtpSink:
         self.controller.start()
         return self
 
-    def stop(self):
+    def stop(self) -> None:
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
 
-    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
         session.host_name = hostname
         if self.pipelining:  # aiosmtpd reads commands one by one, so it can
             responses.insert(-1, "250-PIPELINING")
         return responses
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
         reply = self.mail_behaviour(session) if self.mail_behaviour else None
         if reply == self.DROP:
             server.transport.close()
@@ -389,7 +417,7 @@ class SmtpSink:
         envelope.began = time.time()
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         reply = self.behaviour(envelope) if self.behaviour else None
         if inspect.isawaitable(reply):
             reply = await reply
@@ -414,7 +442,9 @@ class SmtpSink:
 
         mailbox.Maildir(self.maildir, create=True).add(content)
 
-    def wait_for(self, count, timeout=60.0):
+    def wait_for(
+        self, count: int, timeout: float = 60.0
+    ) -> list[tuple[str, list[str], bytes, float]]:
         """Block until `count` mails have arrived; return them all."""
         deadline = time.monotonic() + timeout
         with self.arrived:
@@ -427,8 +457,8 @@ class SmtpSink:
                 self.arrived.wait(remaining)
             return list(self.received)
 
-    def __enter__(self):
+    def __enter__(self) -> SmtpSink:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()

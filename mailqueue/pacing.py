@@ -9,10 +9,16 @@ TCP finds a path's capacity: halve at once, climb back quickly to just under the
 rate that was too fast, then probe past it slowly.
 """
 
+from __future__ import annotations
+
 import collections
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from mailqueue.doorbell import Stop
 
 log = logging.getLogger(__name__)
 
@@ -26,35 +32,37 @@ MEASURE_WINDOW = 2.0  # seconds of sent mails over which the rate is measured
 class TokenBucket:
     """`rate` tokens a second, at most `burst` saved up."""
 
-    def __init__(self, rate, burst, clock=time.monotonic):
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate = rate
         self.burst = burst
         self.clock = clock
         self.tokens = burst
         self.at = clock()
 
-    def _refill(self):
+    def _refill(self) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
 
-    def take(self, wanted):
+    def take(self, wanted: int) -> int:
         """Up to `wanted` whole tokens, taken now."""
         self._refill()
         granted = max(0, min(wanted, int(self.tokens)))
         self.tokens -= granted
         return granted
 
-    def give_back(self, count):
+    def give_back(self, count: int) -> None:
         self.tokens = min(self.burst, self.tokens + count)
 
-    def wait_time(self):
+    def wait_time(self) -> float:
         """Seconds until one whole token is there."""
         self._refill()
         return max(0.0, (1 - self.tokens) / self.rate)
 
 
-def burst_for(rate):
+def burst_for(rate: float) -> float:
     """Tokens a bucket may save up: a twentieth of a second's worth (at least one),
     so that no one-second window sees much more than `rate` mails."""
     return max(1.0, rate / 20.0)
@@ -66,27 +74,27 @@ class Governor:
     when the first throttling reply comes would otherwise all go at full speed,
     and be throttled too. Every method may be called from any thread."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.lock = threading.Lock()
-        self.bucket = None  # None: no limit
-        self.ceiling = None  # the rate at which the server last throttled us
+        self.bucket: TokenBucket | None = None  # None: no limit
+        self.ceiling: float | None = None  # the rate at which the server last throttled us
         self.last_cut = -CUT_COOLDOWN
         self.last_step = 0.0
         self.last_throttled = 0.0
-        self.sent_at = collections.deque()
+        self.sent_at: collections.deque[float] = collections.deque()
 
     @property
-    def rate(self):
+    def rate(self) -> float | None:
         return self.bucket.rate if self.bucket else None
 
-    def sent(self):
+    def sent(self) -> None:
         now = self.clock()
         self.sent_at.append(now)
         while self.sent_at and self.sent_at[0] < now - MEASURE_WINDOW:
             self.sent_at.popleft()
 
-    def measured_rate(self):
+    def measured_rate(self) -> float:
         """Mails sent per second lately (over MEASURE_WINDOW, or since the first
         of them if sending began more recently)."""
         now = self.clock()
@@ -96,7 +104,7 @@ class Governor:
             return 0.0
         return len(self.sent_at) / max(0.25, now - self.sent_at[0])
 
-    def throttled(self, reason):
+    def throttled(self, reason: str) -> None:
         """The server said we send too fast: halve the rate (once per episode)."""
         with self.lock:
             self._throttled(reason)
@@ -146,19 +154,19 @@ class Governor:
             return
         self._set_rate(rate)
 
-    def step(self):
+    def step(self) -> None:
         """Speed up while no throttling comes; the claiming thread calls it at
         every wake-up too, so that an idle process recovers as well."""
         with self.lock:
             self._step()
 
-    def may_send(self):
+    def may_send(self) -> bool:
         """Whether a mail may go now (taking its token if so)."""
         with self.lock:
             self._step()
             return self.bucket is None or self.bucket.take(1) == 1
 
-    def wait_to_send(self, stop):
+    def wait_to_send(self, stop: Stop) -> None:
         """Until a mail may go (or a stop is requested)."""
         while not self.may_send() and not stop.requested:
             with self.lock:

@@ -18,14 +18,22 @@ On the same connection, every BEAT_INTERVAL, the heartbeat keeps the process's
 claims (mailqueue/claims.py).
 """
 
+from __future__ import annotations
+
 import logging
 import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mailqueue import db
+
+if TYPE_CHECKING:
+    import psycopg2.extensions
+
+    from mailqueue.claims import Claims
+    from mailqueue.doorbell import Stop
 
 log = logging.getLogger(__name__)
 
@@ -54,32 +62,34 @@ class Ticket:
 
     __slots__ = ("done", "durable")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.done = False
         self.durable = threading.Event()
 
 
 class Recorder:
-    def __init__(self, database_settings, claims, app_name, stop):
+    def __init__(
+        self, database_settings: dict[str, Any], claims: Claims, app_name: str, stop: Stop
+    ) -> None:
         self.database_settings = database_settings
         self.claims = claims
         self.app_name = app_name  # of its connection, for pg_stat_activity
         self.stop = stop
         self.beat_interval = min(claims.lease / 5.0, 1.0)  # seconds
-        self.pending = []  # (outcome, ticket)
+        self.pending: list[tuple[Outcome, Ticket]] = []  # (outcome, ticket)
         self.wakeup = threading.Condition()
         self.closing = False
         self.deadline = 0.0
         self.gave_up = 0  # outcomes that could not be recorded before the end
-        self.conn = None
+        self.conn: psycopg2.extensions.connection | None = None
         self.next_beat = 0.0
         self.trouble = _Complaints()
         self.thread = threading.Thread(target=self._run, name="recorder", daemon=True)
 
-    def start(self):
+    def start(self) -> None:
         self.thread.start()
 
-    def submit(self, outcome):
+    def submit(self, outcome: Outcome) -> Ticket:
         if outcome.error is not None:  # for people, and PostgreSQL text cannot hold NUL
             outcome.error = "".join(c if c >= " " or c in "\t" else " " for c in outcome.error)[
                 :MAX_ERROR_CHARS
@@ -90,7 +100,7 @@ class Recorder:
             self.wakeup.notify()
         return ticket
 
-    def close(self, grace, retire=False):
+    def close(self, grace: float, retire: bool = False) -> None:
         """Record what is pending (trying for `grace` seconds at most), then stop.
         With `retire`, the consumer's row goes too: every claim it still holds is
         free at once, and the other consumers are rung."""
@@ -114,7 +124,7 @@ class Recorder:
         db.close_quietly(self.conn)
         self.conn = None
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             with self.wakeup:
                 while not self.pending and not self.closing and time.monotonic() < self.next_beat:
@@ -130,7 +140,7 @@ class Recorder:
             elif time.monotonic() >= self.next_beat:
                 self._beat()
 
-    def _commit(self, group):
+    def _commit(self, group: list[tuple[Outcome, Ticket]]) -> None:
         outcomes = [o for o, _ in group]
         delay = RETRY_MIN
         while True:
@@ -168,7 +178,7 @@ class Recorder:
             ticket.durable.set()
         self.claims.forget([o.queue_id for o in outcomes])
 
-    def _beat(self):
+    def _beat(self) -> None:
         consumer_id = self.claims.consumer_id
         if consumer_id is None:  # the claimer registers (again)
             self.next_beat = time.monotonic() + self.beat_interval
@@ -194,17 +204,17 @@ class Recorder:
         self.claims.beat(sent_at, alive, lost)
         self.next_beat = sent_at + self.beat_interval
 
-    def _connection(self):
+    def _connection(self) -> psycopg2.extensions.connection:
         if self.conn is None or self.conn.closed:
             self.conn = db.connect(self.database_settings, self.app_name)
         return self.conn
 
-    def _lost(self, exc):
+    def _lost(self, exc: BaseException) -> None:
         if isinstance(exc, db.CONNECTION_ERRORS) or (self.conn is not None and self.conn.closed):
             db.close_quietly(self.conn)
             self.conn = None
 
-    def _wait_beating(self, seconds):
+    def _wait_beating(self, seconds: float) -> None:
         """Wait `seconds` before trying again, keeping the heartbeat going all the
         while: the mails of the outcomes that wait were sent, and if their claims
         lapsed, another consumer would send them again."""
@@ -220,7 +230,7 @@ class Recorder:
                 self.wakeup.wait(min(until, self.next_beat) - now)
 
 
-def _columns(outcomes):
+def _columns(outcomes: list[Outcome]) -> dict[str, list[Any]]:
     """record_outcomes' parameters: one array per field, one element per mail."""
     return dict(
         queue_ids=[o.queue_id for o in outcomes],
@@ -234,7 +244,7 @@ def _columns(outcomes):
     )
 
 
-def _describe(exc):
+def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, db.DatabaseUnavailable) else db.describe(exc)
 
 
@@ -242,11 +252,11 @@ class _Complaints:
     """One log line when a trouble starts, one every COMPLAIN_EVERY while it lasts,
     and one when it is over."""
 
-    def __init__(self):
-        self.since = None
+    def __init__(self) -> None:
+        self.since: float | None = None
         self.last = 0.0
 
-    def say(self, message):
+    def say(self, message: str) -> None:
         now = time.monotonic()
         if self.since is None or now - self.last > COMPLAIN_EVERY:
             log.warning(message)
@@ -254,7 +264,7 @@ class _Complaints:
         if self.since is None:
             self.since = now
 
-    def over(self, message):
+    def over(self, message: str) -> None:
         if self.since is not None:
             log.warning("%s (after %.0f s)", message, time.monotonic() - self.since)
             self.since = None

@@ -20,12 +20,19 @@ before the content went (the mail was not sent: it may go again at no cost),
 SmtpUnavailable when no connection can be had. No password ever goes into an error.
 """
 
+from __future__ import annotations
+
 import base64
 import logging
 import re
 import smtplib
 import socket
 import ssl
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from mailqueue.config import SmtpSettings
+    from mailqueue.message import Mail
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +46,14 @@ class SendError(Exception):
     last_error); `code` is the server's reply code, if there was one."""
 
     def __init__(
-        self, text, permanent=False, summary="", code=None, throttled=False, unknown=False
-    ):
+        self,
+        text: str,
+        permanent: bool = False,
+        summary: str = "",
+        code: int | None = None,
+        throttled: bool = False,
+        unknown: bool = False,
+    ) -> None:
         super().__init__(text)
         self.permanent = permanent
         self.summary = summary or text
@@ -61,7 +74,7 @@ class SmtpUnavailable(Exception):
     that does not resolve yet); otherwise waiting cannot help (a refused login, a
     certificate that does not verify, no STARTTLS)."""
 
-    def __init__(self, message, retryable=True):
+    def __init__(self, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
 
@@ -78,7 +91,7 @@ _THROTTLING_TEXT = re.compile(
 )
 
 
-def is_throttling(code, text):
+def is_throttling(code: int, text: str) -> bool:
     """Whether a reply asks the sender to slow down."""
     return code in THROTTLING_CODES and bool(_THROTTLING_TEXT.search(text))
 
@@ -89,25 +102,26 @@ _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
 class Sender:
     """One SMTP connection, opened on demand and kept open between mails."""
 
-    def __init__(self, smtp_settings):
+    def __init__(self, smtp_settings: SmtpSettings) -> None:
         self.settings = smtp_settings
-        self.connection = None
+        self.connection: smtplib.SMTP | None = None
         self.mails_on_connection = 0  # mails whose content went on this connection
         self.fresh = False  # the connection was opened for the mail under way
-        self._replies = None  # envelope replies already read (no PIPELINING)
+        # envelope replies already read (no PIPELINING)
+        self._replies: list[tuple[int, bytes]] | None = None
 
     @property
-    def connected(self):
+    def connected(self) -> bool:
         return self.connection is not None
 
-    def connect(self):
+    def connect(self) -> None:
         """Open, secure and log in if not connected; SmtpUnavailable otherwise."""
         if self.connection is not None:
             return
         s = self.settings
         try:
             if s.security == "ssl":
-                conn = smtplib.SMTP_SSL(
+                conn: smtplib.SMTP = smtplib.SMTP_SSL(
                     s.host, s.port, timeout=s.timeout, context=_tls_context(s.ca_file)
                 )
             else:
@@ -151,14 +165,14 @@ class Sender:
         self.mails_on_connection = 0
 
     @property
-    def pipelining(self):
+    def pipelining(self) -> bool:
         return self.connection is not None and self.connection.has_extn("pipelining")
 
-    def check(self, mail):
+    def check(self, mail: Mail) -> None:
         """Refuse, before anything is sent, a mail this server cannot take:
         SendError (permanent). Connects first, to know what the server offers."""
         self.connect()
-        conn = self.connection
+        conn: smtplib.SMTP = self.connection  # type: ignore[assignment]  # connect() opened it
         if mail.smtputf8 and not conn.has_extn("smtputf8"):
             raise SendError(
                 "an address is not ASCII and the SMTP server does not offer SMTPUTF8",
@@ -181,7 +195,7 @@ class Sender:
                     summary="message too large",
                 )
 
-    def begin(self, mail):
+    def begin(self, mail: Mail) -> None:
         """Write the mail's envelope (MAIL FROM, RCPT TO..., DATA) in one go when
         the server offers PIPELINING; without it, exchange it command by command.
         Its replies are read by envelope_replies()."""
@@ -191,7 +205,7 @@ class Sender:
         try:
             if self.pipelining:
                 self._replies = None
-                self.connection.send(b"".join(commands))
+                self.connection.send(b"".join(commands))  # type: ignore[union-attr]  # connected
                 return
             self._replies = self._exchange(commands)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
@@ -213,13 +227,13 @@ class Sender:
             replies.append(conn.getreply())
         return replies
 
-    def _envelope(self, mail):
+    def _envelope(self, mail: Mail) -> list[bytes]:
         encoding = "utf-8" if mail.smtputf8 else "ascii"
         mail_from = "MAIL FROM:<%s>%s" % (mail.sender, " SMTPUTF8" if mail.smtputf8 else "")
         lines = [mail_from] + ["RCPT TO:<%s>" % r for r in mail.recipients] + ["DATA"]
         return [(line + "\r\n").encode(encoding) for line in lines]
 
-    def envelope_replies(self, mail):
+    def envelope_replies(self, mail: Mail) -> list[str]:
         """The replies to the envelope begin() wrote. Returns the refused
         recipients (when some, not all, were refused) as "address: reply" texts.
         Raises SendError if the mail cannot go, EnvelopeLost if the connection
@@ -268,13 +282,13 @@ class Sender:
             raise self._refused(data_code or -1, data_text, "mail refused")
         return refused
 
-    def finish(self, mail, then=None):
+    def finish(self, mail: Mail, then: Mail | None = None) -> str:
         """Send the content (the server said 354) and wait for its reply, up to
         smtp.data_timeout. With PIPELINING, `then`'s envelope goes in the same
         write; its replies are read by the next envelope_replies(then).
         Returns the server's 250 reply text; SendError otherwise (`unknown` when
         no reply came: the server may have accepted the mail)."""
-        conn = self.connection
+        conn: smtplib.SMTP = self.connection  # type: ignore[assignment]  # begin() opened it
         data = mail.data
         if data.startswith(b".") or b"\n." in data:
             data = _DOT_AT_LINE_START.sub(b"..", data)
@@ -294,7 +308,7 @@ class Sender:
         self.mails_on_connection += 1
         self.fresh = False
         try:
-            conn.sock.settimeout(self.settings.data_timeout)
+            conn.sock.settimeout(self.settings.data_timeout)  # type: ignore[union-attr]  # connected
             try:
                 code, text = conn.getreply()
             finally:
@@ -332,13 +346,13 @@ class Sender:
         except (smtplib.SMTPException, OSError):
             self.close()
 
-    def _lost(self, exc):
+    def _lost(self, exc: BaseException) -> NoReturn:
         self.close()
         raise EnvelopeLost(
             "the SMTP connection failed before the content was sent: %s" % _describe(exc)
         ) from None
 
-    def _refused(self, code, message, what, reset=True):
+    def _refused(self, code: int, message: bytes | str, what: str, reset: bool = True) -> SendError:
         """The server answered with an error: 5xx is permanent, anything else is not."""
         text = _text(message)
         if code == 421:  # the server is closing this connection
@@ -356,7 +370,7 @@ class Sender:
             throttled=is_throttling(code, text),
         )
 
-    def abort(self):
+    def abort(self) -> None:
         """Drop the connection without a word: a mail whose content has not ended
         is discarded by the server (a QUIT now would be read as content)."""
         if self.connection is not None:
@@ -366,13 +380,13 @@ class Sender:
                 pass
             self.connection = None
 
-    def close(self):
+    def close(self) -> None:
         if self.connection is not None:
             _close_quietly(self.connection)
             self.connection = None
 
 
-def _login(conn, user, password):
+def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
     if user.isascii() and password.isascii():
         conn.login(user, password)
         return
@@ -388,29 +402,29 @@ def _login(conn, user, password):
         raise smtplib.SMTPAuthenticationError(code, reply)
 
 
-def _timed_out(exc):
+def _timed_out(exc: BaseException) -> bool:
     return isinstance(exc, socket.timeout) or isinstance(exc.__context__, socket.timeout)
 
 
-def _describe(exc):
+def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _text(message):
+def _text(message: bytes | str) -> str:
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     return " ".join(str(message).split())
 
 
-def _reply(exc):
+def _reply(exc: smtplib.SMTPResponseException) -> str:
     return _reply_text(exc.smtp_code, exc.smtp_error)
 
 
-def _reply_text(code, message):
+def _reply_text(code: int, message: bytes | str) -> str:
     return "%s %s" % (code, _text(message))
 
 
-def _tls_context(ca_file):
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     """Certificates and host names are always verified; ca_file adds a CA to trust."""
     context = ssl.create_default_context()
     if ca_file:
@@ -418,7 +432,7 @@ def _tls_context(ca_file):
     return context
 
 
-def _close_quietly(conn):
+def _close_quietly(conn: smtplib.SMTP) -> None:
     try:
         conn.quit()
     except (OSError, smtplib.SMTPException, socket.timeout):

@@ -8,20 +8,29 @@ this process is stopped (SIGINT, SIGTERM) the others are too; if it is killed,
 they notice (doorbell.Stop) and stop by themselves, finishing their mails in hand.
 """
 
+from __future__ import annotations
+
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from mailqueue import db
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from mailqueue.config import Config
+    from mailqueue.doorbell import Stop
 
 log = logging.getLogger("consumer")
 
 RESTART_DELAY = 1.0  # seconds before replacing a process that died
 
 
-def cores():
+def cores() -> int:
     """The cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
@@ -29,19 +38,25 @@ def cores():
         return os.cpu_count() or 1
 
 
-def split(total, parts):
+def split(total: int, parts: int) -> list[int]:
     """`total` as `parts` whole numbers that differ by one at most."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def run_processes(config, stop, sizes, drain_only, make_consumer):
+def run_processes(
+    config: Config,
+    stop: Stop,
+    sizes: Sequence[int],
+    drain_only: bool,
+    make_consumer: Callable[[int, Callable[[int], None]], Any],
+) -> None:
     """One process per entry of `sizes` (its number of sending threads), each
     running make_consumer(threads, on_registered).run(drain_only)."""
     context = multiprocessing.get_context("fork")
     stop.share(context)
     consumer_ids = context.Array("i", len(sizes), lock=False)  # each process's consumers row
 
-    def start(slot):
+    def start(slot: int) -> BaseProcess:
         consumer_ids[slot] = 0
         process = context.Process(
             target=_process_main,
@@ -74,12 +89,12 @@ def run_processes(config, stop, sizes, drain_only, make_consumer):
     finally:
         for process in processes:
             if process.exitcode is None:
-                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, signal.SIGTERM)  # type: ignore[arg-type]  # started: has a pid
         for process in processes:
             process.join()
 
 
-def free_claims_of(config, consumer_id):
+def free_claims_of(config: Config, consumer_id: int) -> None:
     """The claims of a process that died: free for the others at once."""
     if not consumer_id:
         return
@@ -98,12 +113,20 @@ def free_claims_of(config, consumer_id):
         db.close_quietly(conn)
 
 
-def _process_main(stop, parent, make_consumer, threads, consumer_ids, slot, drain_only):
+def _process_main(
+    stop: Stop,
+    parent: int,
+    make_consumer: Callable[[int, Callable[[int], None]], Any],
+    threads: int,
+    consumer_ids: Any,  # a shared ctypes array of int, one per slot
+    slot: int,
+    drain_only: bool,
+) -> None:
     # `stop` is the parent's, copied by fork, and so is the handler bound to it:
     # a signal that came before this line is not lost.
     stop.parent = parent
 
-    def registered(consumer_id):
+    def registered(consumer_id: int) -> None:
         consumer_ids[slot] = consumer_id
 
     make_consumer(threads, registered).run(drain_only)
