@@ -10,13 +10,19 @@ Durations are 30d, 12h or 15m; anything else is one line and exit code 2, before
 anything is read or changed.
 """
 
+from __future__ import annotations
+
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from mailqueue import admin, cli, dashboard, db, durations, report
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-def build_parser():
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mailqueue", description="Operate the mail queue."
     )
@@ -34,25 +40,27 @@ def build_parser():
     return parser
 
 
-def duration_of(args):
+def duration_of(args: argparse.Namespace) -> int | None:
     """The command's duration in seconds (or None), or exit 2 with one line."""
     option = {"report": "since", "requeue": "since", "prune": "older_than"}.get(args.command)
     text = getattr(args, option, None) if option else None
     if text is None:
         return None
     try:
-        return durations.parse(text, "--" + option.replace("_", "-"))
+        # option is set here: text is None whenever option is
+        return durations.parse(text, "--" + option.replace("_", "-"))  # type: ignore[union-attr]
     except durations.BadDuration as exc:
         sys.stderr.write("error: %s\n" % exc)
         raise SystemExit(2) from None
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     seconds = duration_of(args)
     config = cli.start(args)
     if args.command == "report":
-        return report.run(args, config, seconds)
+        # seconds is an int: --since has a default
+        return report.run(args, config, seconds)  # type: ignore[arg-type]
     if args.command == "dashboard":
         return dashboard.run(args, config)
     conn = report.connect(config, "mailqueue %s" % args.command)
@@ -60,7 +68,8 @@ def main(argv=None):
         if args.command == "requeue":
             admin.run_requeue(args, conn, seconds)
         else:
-            admin.run_prune(args, conn, seconds)
+            # seconds is an int: --older-than is required
+            admin.run_prune(args, conn, seconds)  # type: ignore[arg-type]
     except db.Error as exc:
         raise SystemExit("error: %s" % report.query_failed(exc, config.database)) from None
     except KeyboardInterrupt:

@@ -6,12 +6,18 @@ injection through encoded words) and CVE-2023-27043 (parseaddr misreading
 addresses go through email-validator (no DNS), text through check_header_text.
 """
 
+from __future__ import annotations
+
 import functools
 import re
 from dataclasses import dataclass
 from email.utils import getaddresses, parseaddr
+from typing import TYPE_CHECKING
 
 from email_validator import EmailNotValidError, validate_email
+
+if TYPE_CHECKING:
+    from email_validator import ValidatedEmail
 
 # Control characters, and the Unicode line breaks that str.splitlines() honours.
 _FORBIDDEN_IN_HEADER = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
@@ -35,7 +41,7 @@ class Address:
     smtputf8: bool  # the local part is not ASCII: needs a server with SMTPUTF8
 
 
-def parse_recipient(value, what="email", allow_local=False):
+def parse_recipient(value: str | None, what: str = "email", allow_local: bool = False) -> Address:
     """One bare address, e.g. 'someone@example.com'; raise BadAddress otherwise.
     `what` names the field in the message; `allow_local` accepts intranet
     domains (corp.local, a single label such as `intranet`: smtp.allow_local_domains)."""
@@ -60,7 +66,8 @@ def parse_recipient(value, what="email", allow_local=False):
     if checked.smtputf8:
         found = Address(checked.normalized, checked.ascii_domain, True)
     else:
-        found = Address(checked.ascii_email, checked.ascii_domain, False)
+        # ascii_email is None only for an address that needs SMTPUTF8
+        found = Address(checked.ascii_email, checked.ascii_domain, False)  # type: ignore[arg-type]
     # email-validator counts characters, and the local part only in strict mode;
     # RFC 5321 4.5.3.1 counts octets (of UTF-8, RFC 6531).
     local_octets = len(found.address.rpartition("@")[0].encode("utf-8"))
@@ -87,7 +94,7 @@ _PLAIN_LOCAL_PART = re.compile(r"(?=.{1,64}\Z)[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+
 _NEUTRAL_LABEL = ".x"
 
 
-def _validate(text, allow_local):
+def _validate(text: str, allow_local: bool) -> ValidatedEmail:
     """email-validator's verdict on `text` (no DNS). For intranet mail the
     special-use names (local, localhost, internal ones without a dot) must pass:
     email-validator refuses them whatever its options, so the domain is checked
@@ -107,7 +114,7 @@ def _validate(text, allow_local):
 
 
 @functools.lru_cache(maxsize=4096)
-def _valid_ascii_domain(domain, allow_local=False):
+def _valid_ascii_domain(domain: str, allow_local: bool = False) -> str | None:
     """email-validator's ASCII form of `domain`, or None if it refuses it."""
     try:
         return _validate("postmaster@" + domain, allow_local).ascii_domain
@@ -115,7 +122,7 @@ def _valid_ascii_domain(domain, allow_local=False):
         return None
 
 
-def _holds_several_addresses(value):
+def _holds_several_addresses(value: str) -> bool:
     """Whether `value` reads as a list, e.g. 'a@example.org, b@example.org' or
     'a@example.org; b@example.org'. Only to word an error: Python 3.13's strict
     getaddresses reads a ';'-separated list as one unparseable address, so ';'
@@ -124,7 +131,7 @@ def _holds_several_addresses(value):
     return len(found) > 1
 
 
-def parse_mailbox(value, what, allow_local=False):
+def parse_mailbox(value: str | None, what: str, allow_local: bool = False) -> tuple[str, Address]:
     """One address, bare or with a display name: 'Name <address>', '"Name, Inc."
     <address>' or 'address' -> (display name, Address). BadAddress for anything
     else, a list of addresses included."""
@@ -169,7 +176,7 @@ _SIMPLE_MAILBOX = re.compile(
 )
 
 
-def parse_sender(value, allow_local=False):
+def parse_sender(value: str | None, allow_local: bool = False) -> tuple[str, Address]:
     """'Name <address>' or a bare address -> (display name, Address)."""
     return parse_mailbox(value, "sender", allow_local)
 
@@ -196,7 +203,7 @@ RESERVED_HEADERS = frozenset(
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,76}\Z")
 
 
-def check_extra_headers(headers):
+def check_extra_headers(headers: object) -> list[tuple[str, str]]:
     """A job's `headers` (JSONB: psycopg2 gives a dict) -> [(name, value)], or
     BadHeader: it must be a JSON object of strings whose names are
     [A-Za-z0-9-]+ and not among those the queue writes itself."""
@@ -224,7 +231,7 @@ def check_extra_headers(headers):
     return checked
 
 
-def _json_type(value):
+def _json_type(value: object) -> str:
     for kind, word in (
         (bool, "true/false"),
         (dict, "an object"),
@@ -237,7 +244,7 @@ def _json_type(value):
     return "null" if value is None else type(value).__name__
 
 
-def check_header_text(value, what):
+def check_header_text(value: str, what: str) -> str:
     """Raise BadHeader if `value` could break out of its header."""
     if _FORBIDDEN_IN_HEADER.search(value):
         raise BadHeader("%s contains a line break or control character" % what)
@@ -254,7 +261,7 @@ def check_header_text(value, what):
     return value
 
 
-def _shown(text, limit=80):
+def _shown(text: object, limit: int = 80) -> str:
     """The value for an error message: printable, and short."""
     shown = repr(text)
     return shown if len(shown) <= limit else shown[: limit - 4] + "...'"

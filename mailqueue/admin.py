@@ -10,9 +10,18 @@ print how many jobs they changed; --dry-run changes nothing and prints the same
 count. A progress bar goes to stderr when it is a terminal.
 """
 
+from __future__ import annotations
+
 import sys
+from typing import TYPE_CHECKING, TextIO
 
 from mailqueue import db
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterable
+
+    from psycopg2.extensions import connection
 
 BATCH = 1000  # jobs per transaction
 FINISHED = ("completed", "dead")
@@ -21,12 +30,14 @@ FINISHED = ("completed", "dead")
 class ProgressBar:
     """`[#####.....] 500/1000` on a terminal, rewritten in place; nothing otherwise."""
 
-    def __init__(self, total, what, stream=None, width=30):
+    def __init__(
+        self, total: int, what: str, stream: TextIO | None = None, width: int = 30
+    ) -> None:
         self.stream = sys.stderr if stream is None else stream
         self.shown = self.stream.isatty() and total > 0
         self.total, self.what, self.width = total, what, width
 
-    def update(self, done):
+    def update(self, done: int) -> None:
         if not self.shown:
             return
         done = min(done, self.total)
@@ -37,13 +48,21 @@ class ProgressBar:
         )
         self.stream.flush()
 
-    def close(self):
+    def close(self) -> None:
         if self.shown:
             self.stream.write("\n")
             self.stream.flush()
 
 
-def requeue(conn, status, job_ids=None, since=None, dry_run=False, batch=BATCH, stream=None):
+def requeue(
+    conn: connection,
+    status: str,
+    job_ids: Iterable[int] | None = None,
+    since: float | None = None,
+    dry_run: bool = False,
+    batch: int = BATCH,
+    stream: TextIO | None = None,
+) -> int:
     """Put the `status` jobs (dead or failed; among job_ids, last tried within
     `since` seconds) back to available; how many (would be) put back."""
     selection = dict(status=status, job_ids=list(job_ids) if job_ids else None, since=since)
@@ -63,7 +82,13 @@ def requeue(conn, status, job_ids=None, since=None, dry_run=False, batch=BATCH, 
         bar.close()
 
 
-def prune(conn, older_than, dry_run=False, batch=BATCH, stream=None):
+def prune(
+    conn: connection,
+    older_than: float,
+    dry_run: bool = False,
+    batch: int = BATCH,
+    stream: TextIO | None = None,
+) -> int:
     """Delete completed and dead jobs whose end_time is more than `older_than`
     seconds ago; how many were (would be) deleted. Never any other job."""
     [(total,)] = db.run(conn, "ops_prune_count", older_than=older_than)
@@ -93,7 +118,7 @@ def prune(conn, older_than, dry_run=False, batch=BATCH, stream=None):
         bar.close()
 
 
-def add_requeue_arguments(parser):
+def add_requeue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--status", required=True, choices=["dead", "failed"], help="which jobs to put back"
     )
@@ -104,7 +129,7 @@ def add_requeue_arguments(parser):
     parser.add_argument("--dry-run", action="store_true", help="change nothing; print the count")
 
 
-def add_prune_arguments(parser):
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--older-than",
         required=True,
@@ -113,7 +138,7 @@ def add_prune_arguments(parser):
     parser.add_argument("--dry-run", action="store_true", help="delete nothing; print the count")
 
 
-def run_requeue(args, conn, since):
+def run_requeue(args: argparse.Namespace, conn: connection, since: float | None) -> None:
     count = requeue(conn, args.status, args.jobs, since, args.dry_run)
     if args.dry_run:
         print("would requeue %d %s job(s) (dry run: nothing changed)" % (count, args.status))
@@ -121,7 +146,7 @@ def run_requeue(args, conn, since):
         print("requeued %d %s job(s)" % (count, args.status))
 
 
-def run_prune(args, conn, older_than):
+def run_prune(args: argparse.Namespace, conn: connection, older_than: float) -> None:
     count = prune(conn, older_than, args.dry_run)
     if args.dry_run:
         print(

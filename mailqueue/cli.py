@@ -1,18 +1,24 @@
 """What consumer.py and producer.py share at start-up: configuration, logging,
 and a first look at the servers, each failure one clear line and a non-zero exit."""
 
+from __future__ import annotations
+
 import logging
 import random
+from typing import TYPE_CHECKING
 
 from mailqueue import config as configuration
 from mailqueue import db, doorbell, smtp
+
+if TYPE_CHECKING:
+    import argparse
 
 log = logging.getLogger("mailqueue")
 
 LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
 
 
-def add_common_arguments(parser):
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default="config.json", help="configuration file (JSON; default: config.json)"
     )
@@ -21,7 +27,7 @@ def add_common_arguments(parser):
     )
 
 
-def start(args):
+def start(args: argparse.Namespace) -> configuration.Config:
     """Set up logging and read the configuration; SystemExit on a bad file."""
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
     try:
@@ -30,7 +36,7 @@ def start(args):
         raise SystemExit("error: %s" % exc) from None
 
 
-def wait_for_database(config, stop, what):
+def wait_for_database(config: configuration.Config, stop: doorbell.Stop, what: str) -> None:
     """Connect once and check that sql/schema.sql has been run. A server that is
     not up yet (refused, timed out, a name that does not resolve yet) is waited
     for, one log line per try; what waiting cannot fix (a password refused, no
@@ -61,7 +67,7 @@ def wait_for_database(config, stop, what):
         return
 
 
-def wait_for_smtp(config, stop):
+def wait_for_smtp(config: configuration.Config, stop: doorbell.Stop) -> None:
     """Connect to the SMTP server once: as wait_for_database, a server not up yet
     is waited for; a refused login, a certificate that does not verify or a
     missing STARTTLS end the script with one line."""

@@ -5,13 +5,18 @@ Every key but the database's has a default, so a minimal file works. Mistakes
 one line that names the file and the key.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mailqueue import addresses, signing
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
 
 # The seed's five connection keys, exactly; each may be overridden by a variable.
 DATABASE_ENV = {
@@ -49,7 +54,7 @@ class SmtpSettings:
     allow_local_domains: bool = False  # accept corp.local, intranet...: a company relay
     dkim: Optional[signing.DkimKey] = None  # smtp.dkim, its key read at start-up
 
-    def __repr__(self):  # never show the password, even in a traceback
+    def __repr__(self) -> str:  # never show the password, even in a traceback
         return "SmtpSettings(host=%r, port=%r, user=%r, security=%r)" % (
             self.host,
             self.port,
@@ -74,17 +79,18 @@ class QueueSettings:
 @dataclass(frozen=True)
 class Config:
     path: str
-    database: dict  # keyword arguments for psycopg2.connect (the seed's five keys)
-    listen_database: dict  # the same, for LISTEN (a direct connection when database is a pooler)
+    database: dict[str, Any]  # keyword arguments for psycopg2.connect (the seed's five keys)
+    # the same, for LISTEN (a direct connection when database is a pooler)
+    listen_database: dict[str, Any]
     smtp: SmtpSettings
     queue: QueueSettings
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Config(path=%r)" % self.path
 
 
 # key -> (type check, description) for the sections with defaults
-_SMTP_TYPES = {
+_SMTP_TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,),
     "port": (int,),
     "user": (str,),
@@ -100,7 +106,7 @@ _SMTP_TYPES = {
     "allow_local_domains": (bool,),
     "dkim": (dict, type(None)),
 }
-_QUEUE_TYPES = {
+_QUEUE_TYPES: dict[str, tuple[type, ...]] = {
     "max_attempts": (int,),
     "retry_delay": (int, float),
     "max_retry_delay": (int, float),
@@ -111,7 +117,7 @@ _QUEUE_TYPES = {
     "rate_limit": (int, float, type(None)),
     "claim_lease": (int, float),
 }
-_DATABASE_TYPES = {
+_DATABASE_TYPES: dict[str, tuple[type, ...]] = {
     "database": (str,),
     "user": (str,),
     "password": (str,),
@@ -120,7 +126,7 @@ _DATABASE_TYPES = {
 }
 
 
-def load(path, environ=None):
+def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read the file at `path`, apply the environment, and check everything."""
     environ = os.environ if environ is None else environ
     try:
@@ -137,7 +143,9 @@ def load(path, environ=None):
     return from_dict(raw, path, environ)
 
 
-def from_dict(raw, path="<config>", environ=None):
+def from_dict(
+    raw: object, path: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
     environ = {} if environ is None else environ
     if not isinstance(raw, dict):
         raise ConfigError("%s: the top level must be a JSON object" % path)
@@ -210,7 +218,9 @@ def from_dict(raw, path="<config>", environ=None):
     )
 
 
-def _section(raw, name, types, path):
+def _section(
+    raw: dict[str, Any], name: str, types: dict[str, tuple[type, ...]], path: str
+) -> dict[str, Any]:
     section = raw.get(name, {})
     if not isinstance(section, dict):
         raise ConfigError("%s: %s must be a JSON object" % (path, name))
@@ -235,7 +245,7 @@ def _section(raw, name, types, path):
     return dict(section)
 
 
-def _no_unknown_keys(section, known, path, prefix):
+def _no_unknown_keys(section: Iterable[str], known: Iterable[str], path: str, prefix: str) -> None:
     unknown = sorted(set(section) - set(known))
     if unknown:
         raise ConfigError(
@@ -244,7 +254,7 @@ def _no_unknown_keys(section, known, path, prefix):
         )
 
 
-def _port(value, path, key):
+def _port(value: Any, path: str, key: str) -> int:
     try:
         port = int(value)
     except (TypeError, ValueError):

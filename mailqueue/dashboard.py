@@ -17,6 +17,8 @@ password in MAILQUEUE_DASHBOARD_PASSWORD (HTTP basic auth, any user name), and
 refuses to start without one.
 """
 
+from __future__ import annotations
+
 import base64
 import hmac
 import html
@@ -28,11 +30,21 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from mailqueue import db, report
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterator, Mapping
+
+    from prometheus_client.metrics_core import Metric
+    from psycopg2.extensions import connection
+
+    from mailqueue.config import Config
 
 log = logging.getLogger("dashboard")
 
@@ -66,7 +78,7 @@ class Unavailable(Exception):
 # ------------------------------------------------------------------ the figures
 
 
-def collect(conn):
+def collect(conn: connection) -> dict[str, Any]:
     """Everything the page and /metrics show, read now."""
     figures = report.gather(conn, WINDOW)
     [waiting] = db.run_dicts(conn, "ops_waiting")
@@ -82,13 +94,13 @@ def collect(conn):
 class Source:
     """One connection, reopened when lost, and the latest snapshot."""
 
-    def __init__(self, database_settings):
+    def __init__(self, database_settings: dict[str, Any]) -> None:
         self.database_settings = database_settings
         self.lock = threading.Lock()
-        self.conn = None
-        self.snapshot = None
+        self.conn: connection | None = None
+        self.snapshot: dict[str, Any] | None = None
 
-    def get(self):
+    def get(self) -> dict[str, Any]:
         with self.lock:
             if self.snapshot and time.time() - self.snapshot["taken_at"] < SNAPSHOT_TTL:
                 return self.snapshot
@@ -104,7 +116,7 @@ class Source:
                 self.conn = None
                 raise Unavailable(report.query_failed(exc, self.database_settings)) from None
 
-    def close(self):
+    def close(self) -> None:
         with self.lock:
             db.close_quietly(self.conn)
 
@@ -112,7 +124,7 @@ class Source:
 # ------------------------------------------------------------------ the page
 
 
-def mask(address):
+def mask(address: str | None) -> str:
     """'alice@example.com' -> 'a***@example.com': enough to tell providers apart."""
     if not address:
         return "-"
@@ -122,15 +134,15 @@ def mask(address):
     return local[:1] + "***@" + domain
 
 
-def _e(value):
+def _e(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _seconds(value):
+def _seconds(value: float | None) -> str:
     return "-" if value is None else report._shown(value)
 
 
-def bars_chart(minutes, width=640, height=170):
+def bars_chart(minutes: list[dict[str, Any]], width: int = 640, height: int = 170) -> str:
     """Sent (green) and failed (red) per minute, stacked, as SVG."""
     left, top, bottom = 40, 12, 22
     inner_w, inner_h = width - left - 8, height - top - bottom
@@ -171,7 +183,7 @@ def bars_chart(minutes, width=640, height=170):
     )
 
 
-def lag_chart(minutes, width=640, height=170):
+def lag_chart(minutes: list[dict[str, Any]], width: int = 640, height: int = 170) -> str:
     """The lag p95 (end_time - start_time) per minute, as an SVG line; gaps where
     no job finished."""
     left, top, bottom = 40, 12, 22
@@ -179,7 +191,7 @@ def lag_chart(minutes, width=640, height=170):
     values = [m["lag_p95_seconds"] for m in minutes]
     peak = max([v for v in values if v is not None] + [0.001])
     step = inner_w / max(len(minutes), 1)
-    segments, current, dots = [], [], []
+    segments, current, dots = [], [], []  # type: ignore[var-annotated]  # lists of str
     for i, value in enumerate(values):
         if value is None:
             if current:
@@ -217,8 +229,19 @@ def lag_chart(minutes, width=640, height=170):
 
 
 def _frame(
-    chart_id, title, width, height, left, top, inner_w, inner_h, peak_label, minutes, parts, data
-):
+    chart_id: str,
+    title: str,
+    width: int,
+    height: int,
+    left: int,
+    top: int,
+    inner_w: int,
+    inner_h: int,
+    peak_label: str,
+    minutes: list[dict[str, Any]],
+    parts: list[str],
+    data: str,
+) -> str:
     first = minutes[0]["minute"].strftime("%H:%M") if minutes else ""
     last = minutes[-1]["minute"].strftime("%H:%M") if minutes else ""
     return "".join(
@@ -241,7 +264,7 @@ def _frame(
     )
 
 
-def panel(figures, show_recipients=False):
+def panel(figures: dict[str, Any], show_recipients: bool = False) -> str:
     """The part of the page that refreshes: every figure, the charts, the table."""
     tiles = "".join(
         '<div class="tile %s" id="status-%s"><div class="label">%s</div>'
@@ -311,7 +334,7 @@ def panel(figures, show_recipients=False):
     )
 
 
-def page(figures, where, show_recipients=False):
+def page(figures: dict[str, Any], where: str, show_recipients: bool = False) -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         "<title>Mail queue</title>"
@@ -330,13 +353,13 @@ def page(figures, where, show_recipients=False):
 class _Figures:
     """A prometheus_client collector of one snapshot."""
 
-    def __init__(self, figures):
+    def __init__(self, figures: dict[str, Any]) -> None:
         self.figures = figures
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         f = self.figures
         jobs = GaugeMetricFamily("mailqueue_jobs", "Jobs per status.", labels=["status"])
         for status, count in f["statuses"].items():
@@ -371,7 +394,7 @@ class _Figures:
         yield deliveries
 
 
-def metrics(figures):
+def metrics(figures: dict[str, Any]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Figures(figures))
     return generate_latest(registry)
@@ -380,11 +403,23 @@ def metrics(figures):
 # ------------------------------------------------------------------ the server
 
 
+if TYPE_CHECKING:
+
+    class _Server(ThreadingHTTPServer):
+        """What serve() returns: a ThreadingHTTPServer with the attributes it sets."""
+
+        source: Source
+        password: str
+        show_recipients: bool
+        where: str
+
+
 class Handler(BaseHTTPRequestHandler):
+    server: _Server  # an annotation only: the server serve() made
     server_version = "mailqueue-dashboard"
     sys_version = ""
 
-    def do_GET(self):
+    def do_GET(self) -> None:
         if not self.authorised():
             return self.send(
                 401,
@@ -414,7 +449,7 @@ class Handler(BaseHTTPRequestHandler):
             body = page(figures, self.server.where, self.server.show_recipients)
         return self.send(200, body.encode("utf-8"), "text/html; charset=utf-8")
 
-    def authorised(self):
+    def authorised(self) -> bool:
         password = self.server.password
         if not password:
             return True
@@ -429,7 +464,9 @@ class Handler(BaseHTTPRequestHandler):
         _, _, given_password = given.partition(":")
         return hmac.compare_digest(given_password.encode("utf-8"), password.encode("utf-8"))
 
-    def send(self, code, body, content_type, headers=None):
+    def send(
+        self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -438,11 +475,12 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format, *args):  # one DEBUG line per request, never stderr noise
+    # one DEBUG line per request, never stderr noise
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
-def is_loopback(host):
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -451,7 +489,13 @@ def is_loopback(host):
         return False
 
 
-def serve(config, host, port, show_recipients=False, environ=None):
+def serve(
+    config: Config,
+    host: str,
+    port: int,
+    show_recipients: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> _Server:
     """Bind (or SystemExit with one line) and return the server, not yet serving."""
     environ = os.environ if environ is None else environ
     password = environ.get(PASSWORD_ENV, "")
@@ -466,7 +510,8 @@ def serve(config, host, port, show_recipients=False, environ=None):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     try:
-        server = Server((host, port), Handler)
+        # a _Server once the four attributes below are set
+        server: _Server = Server((host, port), Handler)  # type: ignore[assignment]
     except OSError as exc:
         raise SystemExit(
             "error: cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc)
@@ -478,7 +523,7 @@ def serve(config, host, port, show_recipients=False, environ=None):
     return server
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -492,10 +537,11 @@ def add_arguments(parser):
     )
 
 
-def run(args, config):
+def run(args: argparse.Namespace, config: Config) -> None:
     server = serve(config, args.host, args.port, args.show_recipients)
     host, port = server.server_address[:2]
-    shown = "[%s]" % host if ":" in host else host
+    # host is a str: the server is AF_INET or AF_INET6
+    shown = "[%s]" % host if ":" in host else host  # type: ignore[str-bytes-safe]
     log.info(
         "dashboard at http://%s:%d/ (metrics at /metrics), reading %s",
         shown,

@@ -1,5 +1,7 @@
 """Durations on the command line: 30d, 12h, 15m (a whole number and a unit)."""
 
+from __future__ import annotations
+
 import re
 
 UNITS = {"d": 86400, "h": 3600, "m": 60}
@@ -10,7 +12,7 @@ class BadDuration(ValueError):
     """Not a duration we accept; the message is one line for people."""
 
 
-def parse(text, what="duration"):
+def parse(text: str | None, what: str = "duration") -> int:
     """Seconds in `text` ('30d', '12h', '15m'); BadDuration for anything else,
     zero included (a window or an age of nothing is always a mistake)."""
     found = _DURATION.match(text or "")

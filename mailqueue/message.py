@@ -16,6 +16,8 @@ every part in base64, so that each byte of text and files arrives as it was
 stored, whatever the relays in between do with long lines, dots or NULs.
 """
 
+from __future__ import annotations
+
 import binascii
 import re
 import time
@@ -23,8 +25,14 @@ import urllib.parse
 from dataclasses import dataclass
 from email.utils import formatdate
 from html.parser import HTMLParser
+from typing import TYPE_CHECKING, Any
 
 from mailqueue import addresses, signing
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from mailqueue.config import SmtpSettings
 
 _FORBIDDEN_IN_BODY = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f]")
 
@@ -37,7 +45,7 @@ class BadMail(ValueError):
 class Mail:
     job_id: int
     sender: str  # envelope sender
-    recipients: tuple  # envelope recipients (To, Cc and Bcc)
+    recipients: tuple[str, ...]  # envelope recipients (To, Cc and Bcc)
     smtputf8: bool  # an address needs SMTPUTF8
     data: bytes  # the whole message, CRLF line ends
 
@@ -45,7 +53,7 @@ class Mail:
 class Composer:
     """Everything about the mail that comes from the configuration, worked out once."""
 
-    def __init__(self, smtp_settings):
+    def __init__(self, smtp_settings: SmtpSettings) -> None:
         self.allow_local = bool(getattr(smtp_settings, "allow_local_domains", False))
         name, sender = addresses.parse_sender(smtp_settings.sender, self.allow_local)
         if sender.smtputf8:
@@ -57,7 +65,7 @@ class Composer:
         dkim_key = getattr(smtp_settings, "dkim", None)
         self.signer = None if dkim_key is None else signing.Signer(dkim_key)
 
-    def build(self, job, attachments=()):
+    def build(self, job: Mapping[str, Any], attachments: Sequence[Mapping[str, Any]] = ()) -> Mail:
         """The mail for one job (a mapping of its `jobs` columns) and its
         `attachments` rows (mappings), or BadMail naming what is wrong."""
         get = job.get
@@ -149,7 +157,7 @@ class Composer:
                 raise BadMail(str(exc)) from None
         return Mail(job_id, envelope_sender, tuple(recipients), smtputf8, data)
 
-    def _plain(self, job):
+    def _plain(self, job: Mapping[str, Any]) -> Mail:
         """The seed's kind of job (a recipient, a subject, a text), on the
         shortest path: what build() writes for it, without looking at the rest."""
         job_id, body = job["job_id"], job["content_message"]
@@ -186,7 +194,7 @@ class Composer:
 # ---------------------------------------------------------------------------
 
 
-def _mailboxes(values, what, allow_local):
+def _mailboxes(values: object, what: str, allow_local: bool) -> list[tuple[str, addresses.Address]]:
     """A TEXT[] column of addresses -> [(display name, Address)]; NULL or {} is none."""
     if not values:
         return []
@@ -201,7 +209,7 @@ def _mailboxes(values, what, allow_local):
 _ATOM_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*\Z")
 
 
-def format_mailbox(name, address):
+def format_mailbox(name: str, address: str) -> str:
     """`Name <address>` for a header (a bare address without a name): an ASCII
     name as atoms or a quoted string, any other as RFC 2047 encoded words. Both
     were checked by mailqueue.addresses: no line breaks, no encoded words."""
@@ -219,7 +227,7 @@ def format_mailbox(name, address):
 # ---------------------------------------------------------------------------
 
 
-def _check_body(value, column, required):
+def _check_body(value: str | None, column: str, required: bool) -> bool:
     """BadMail if `value` (a text column) cannot be a body; whether there is one."""
     if value is None:
         if required:
@@ -234,18 +242,26 @@ def _check_body(value, column, required):
     return True
 
 
-def _body_part(job_id, text, html, files):
+def _body_part(
+    job_id: int,
+    text: str | None,
+    html: str | None,
+    files: list[tuple[tuple[str, bytes], str | None]],
+) -> tuple[str, bytes]:
     """(headers, body bytes) of the whole MIME body but the plain-text one."""
     has_html = html is not None and _check_body(html, "html_message", required=True)
     if has_html:
         if not _check_body(text, "content_message", required=False):
-            text = text_of_html(html)
+            text = text_of_html(html)  # type: ignore[arg-type]  # has_html: not None
         body = _multipart(
-            job_id, "alternative", [_text_part(text, "plain"), _text_part(html, "html")]
+            job_id,
+            "alternative",
+            # not None: has_html, and text was checked or derived just above
+            [_text_part(text, "plain"), _text_part(html, "html")],  # type: ignore[arg-type]
         )
     else:
         _check_body(text, "content_message", required=True)
-        body = _text_part(text, "plain")
+        body = _text_part(text, "plain")  # type: ignore[arg-type]  # _check_body raised if None
     ids = [cid for _, cid in files if cid is not None]
     if len(set(ids)) < len(ids):
         raise BadMail("attachments: two inline parts have the same content_id")
@@ -260,14 +276,16 @@ def _body_part(job_id, text, html, files):
     return body
 
 
-def _text_part(text, subtype):
+def _text_part(text: str, subtype: str) -> tuple[str, bytes]:
     return (
         'Content-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: base64\r\n' % subtype,
         _base64_lines(_canonical(text)),
     )
 
 
-def _multipart(job_id, subtype, parts, parameters=""):
+def _multipart(
+    job_id: int, subtype: str, parts: list[tuple[str, bytes]], parameters: str = ""
+) -> tuple[str, bytes]:
     """A multipart of (headers, body) parts. Every part body is base64 and every
     part header starts with a name, so no line of them can begin with "--": any
     boundary is safe, and this one stays the same for each send of the job."""
@@ -283,7 +301,7 @@ def _multipart(job_id, subtype, parts, parameters=""):
     )
 
 
-def _canonical(text):
+def _canonical(text: str) -> bytes:
     """Text as MIME's canonical form: UTF-8, lines ending in CRLF."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -302,7 +320,7 @@ _CONTENT_ID = re.compile(r"%s(?:@%s)?\Z" % (_ID_PART, _ID_PART))
 MAX_FILENAME_CHARS = 255
 
 
-def _attachment(row, number):
+def _attachment(row: Mapping[str, Any], number: int) -> tuple[tuple[str, bytes], str | None]:
     """One `attachments` row -> ((headers, body), content_id or None)."""
     what = "attachment %d" % number
     filename = row["filename"]
@@ -357,7 +375,7 @@ _PLAIN_VALUE = re.compile(r"[\x20-\x7e]{1,50}\Z")
 _PARAMETER_SAFE = "!#$&+-.^_`|~"  # RFC 2231 attribute-char beyond letters and digits
 
 
-def _parameter(name, value):
+def _parameter(name: str, value: str) -> str:
     """name="value" for short printable ASCII; otherwise RFC 2231: UTF-8,
     percent-encoded, in continuations of at most 50 characters each (every
     line of the header stays within 78)."""
@@ -428,29 +446,29 @@ class _VisibleText(HTMLParser):
         )
     )
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.hidden = 0
         self.pre = 0
-        self.chunks = []
+        self.chunks: list[str] = []
 
-    def _break(self, tag):
+    def _break(self, tag: str) -> None:
         if tag in self.PARAGRAPHS:
             self.chunks.append(_PARAGRAPH)
         elif tag in self.LINES:
             self.chunks.append(_LINE)
 
-    def handle_starttag(self, tag, attrs):
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in self.HIDDEN:
             self.hidden += 1
         else:
             self.pre += tag == "pre"
             self._break(tag)
 
-    def handle_startendtag(self, tag, attrs):
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self._break(tag)
 
-    def handle_endtag(self, tag):
+    def handle_endtag(self, tag: str) -> None:
         if tag in self.HIDDEN:
             self.hidden = max(0, self.hidden - 1)
         else:
@@ -459,7 +477,7 @@ class _VisibleText(HTMLParser):
             if tag in ("td", "th"):
                 self.chunks.append("\t")  # cells of a row on one line
 
-    def handle_data(self, data):
+    def handle_data(self, data: str) -> None:
         if not self.hidden:
             self.chunks.append(data if self.pre else _WHITESPACE.sub(" ", data))
 
@@ -469,7 +487,7 @@ _WHITESPACE = re.compile(r"[ \t\n\r\f\v\u00a0]+")
 _BREAKS = re.compile(r"[ \t]*[\x00\x01][\x00\x01 \t]*")
 
 
-def text_of_html(html):
+def text_of_html(html: str) -> str:
     """The plain-text part for an HTML-only job: its visible text."""
     parser = _VisibleText()
     parser.feed(html)
@@ -487,7 +505,7 @@ def text_of_html(html):
 # ---------------------------------------------------------------------------
 
 
-def _base64_lines(data):
+def _base64_lines(data: bytes) -> bytes:
     """`data` in base64, in lines of 76 characters ending in CRLF (RFC 2045 6.8)."""
     encoded = binascii.b2a_base64(data, newline=False)
     if len(encoded) > 8192:
@@ -495,7 +513,7 @@ def _base64_lines(data):
     return b"\r\n".join([encoded[i : i + 76] for i in range(0, len(encoded), 76)]) + b"\r\n"
 
 
-def encode_header_text(text):
+def encode_header_text(text: str) -> str:
     """ASCII as it is; anything else as RFC 2047 base64 encoded words (at most 75
     characters each, never splitting a character), one per folded line."""
     if text.isascii():
@@ -503,7 +521,7 @@ def encode_header_text(text):
     raw = text.encode("utf-8")
     if len(raw) <= _WORD_BYTES:  # the usual subject: one word
         return _encoded_word(raw)
-    words, chunk, size = [], [], 0
+    words, chunk, size = [], [], 0  # type: ignore[var-annotated]  # lists of str
     for char in text:
         length = len(char.encode("utf-8"))
         if size + length > _WORD_BYTES:
@@ -515,16 +533,16 @@ def encode_header_text(text):
     return "\r\n ".join(_encoded_word(w.encode("utf-8")) for w in words)
 
 
-def _encoded_word(raw):
+def _encoded_word(raw: bytes) -> str:
     """UTF-8 bytes as one RFC 2047 base64 encoded word."""
     return "=?utf-8?b?%s?=" % binascii.b2a_base64(raw, newline=False).decode("ascii")
 
 
 _WORD_BYTES = 42  # 56 characters of base64 + 12 of =?utf-8?b??= : lines stay within 78
-_date_cache = [0, ""]
+_date_cache: list[Any] = [0, ""]  # [the second, the Date header's value for it]
 
 
-def _date_now():
+def _date_now() -> str:
     """The Date header's value, formatted once a second."""
     now = int(time.time())
     if _date_cache[0] != now:

@@ -10,15 +10,25 @@ the same SMTP reply for different recipients being one reason). Every figure
 comes from one query of sql/queries.sql (ops_*), each reading an index.
 """
 
+from __future__ import annotations
+
 import json
+from typing import TYPE_CHECKING, Any, SupportsFloat
 
 from mailqueue import db
+
+if TYPE_CHECKING:
+    import argparse
+
+    from psycopg2.extensions import connection
+
+    from mailqueue.config import Config
 
 STATUSES = ("available", "queued", "completed", "failed", "dead")
 MAX_REASONS = 10
 
 
-def gather(conn, since):
+def gather(conn: connection, since: float) -> dict[str, Any]:
     """The report of the last `since` seconds, as the JSON's dict."""
     counts = dict(db.run(conn, "ops_status_counts"))
     [finished] = db.run_dicts(conn, "ops_finished_since", since=since)
@@ -34,11 +44,11 @@ def gather(conn, since):
     }
 
 
-def _seconds(value):
+def _seconds(value: SupportsFloat | None) -> float | None:
     return None if value is None else round(float(value), 3)
 
 
-def as_text(report, window):
+def as_text(report: dict[str, Any], window: str) -> str:
     """The report for people; `window` as given on the command line (e.g. '1h')."""
     lines = ["Jobs by status:"]
     lines += ["  %-10s %10d" % (status, n) for status, n in report["statuses"].items()]
@@ -63,7 +73,7 @@ def as_text(report, window):
     return "\n".join(lines)
 
 
-def _shown(seconds):
+def _shown(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     if seconds < 120:
@@ -73,12 +83,12 @@ def _shown(seconds):
     return "%.1f h" % (seconds / 3600)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", default="1h", help="the window: 30d, 12h, 15m ... (default: 1h)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def run(args, config, since):
+def run(args: argparse.Namespace, config: Config, since: float) -> None:
     conn = connect(config, "mailqueue report")
     try:
         report = gather(conn, since)
@@ -89,7 +99,7 @@ def run(args, config, since):
     print(json.dumps(report, indent=2) if args.json else as_text(report, args.since))
 
 
-def connect(config, application_name):
+def connect(config: Config, application_name: str) -> connection:
     """A connection for a command, or SystemExit with one line."""
     try:
         return db.connect(config.database, application_name)
@@ -97,7 +107,7 @@ def connect(config, application_name):
         raise SystemExit("error: cannot connect to the %s" % exc) from None
 
 
-def query_failed(exc, database_settings):
+def query_failed(exc: Exception, database_settings: dict[str, Any]) -> str:
     """One line for a query that failed; the likely cause when the views are missing."""
     text = db.describe(exc, database_settings)
     if getattr(exc, "pgcode", None) == "42P01":  # undefined_table: an older schema

@@ -14,6 +14,8 @@ signs in pure Python, holding the GIL: about 10 ms a mail with a 2048-bit key
 (bench/build_cost.py).
 """
 
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass
 
@@ -38,7 +40,7 @@ class DkimKey:
     private_key_file: str
     private_key: bytes  # the PEM, read once at start-up
 
-    def __repr__(self):  # never show the key, even in a traceback
+    def __repr__(self) -> str:  # never show the key, even in a traceback
         return "DkimKey(domain=%r, selector=%r, private_key_file=%r)" % (
             self.domain,
             self.selector,
@@ -46,7 +48,7 @@ class DkimKey:
         )
 
 
-def load_key(settings):
+def load_key(settings: object) -> DkimKey:
     """smtp.dkim (a dict from the configuration) -> DkimKey, or BadKey."""
     if not isinstance(settings, dict):
         raise BadKey("smtp.dkim must be a JSON object with %s" % ", ".join(_KEYS))
@@ -88,12 +90,12 @@ class SigningError(ValueError):
 class Signer:
     """Signs mails with one key."""
 
-    def __init__(self, key):
+    def __init__(self, key: DkimKey) -> None:
         self.key = key
         self.domain = key.domain.encode("ascii")
         self.selector = key.selector.encode("ascii")
 
-    def sign(self, data):
+    def sign(self, data: bytes) -> bytes:
         """The DKIM-Signature header (bytes, CRLF-terminated) for `data`, a whole
         message with CRLF line ends."""
         signature = dkim.DKIM(data, linesep=b"\r\n")
