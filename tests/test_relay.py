@@ -158,11 +158,14 @@ def test_a_relay_that_closes_idle_connections_costs_no_attempt(db, make_config, 
 
 
 def test_max_messages_per_connection_opens_a_new_connection(db, make_config, scripts):
-    connections = []
+    connections = []  # one entry per SMTP session that got a MAIL FROM
 
     def count(session):
-        if getattr(session, "mails", 0) == 0 and id(session) not in connections:
-            connections.append(id(session))
+        # A mark on the session itself, not id(session): a closed session's id
+        # may be reused by the next one.
+        if not getattr(session, "counted", False):
+            session.counted = True
+            connections.append(session)
 
     with SmtpSink(mail_behaviour=count) as smtp:
         config = make_config(smtp_overrides={"port": smtp.port, "max_messages_per_connection": 5})
