@@ -44,11 +44,10 @@ def duration_of(args: argparse.Namespace) -> int | None:
     """The command's duration in seconds (or None), or exit 2 with one line."""
     option = {"report": "since", "requeue": "since", "prune": "older_than"}.get(args.command)
     text = getattr(args, option, None) if option else None
-    if text is None:
+    if option is None or text is None:
         return None
     try:
-        # option is set here: text is None whenever option is
-        return durations.parse(text, "--" + option.replace("_", "-"))  # type: ignore[union-attr]
+        return durations.parse(text, "--" + option.replace("_", "-"))
     except durations.BadDuration as exc:
         sys.stderr.write("error: %s\n" % exc)
         raise SystemExit(2) from None

@@ -158,13 +158,10 @@ def test_a_relay_that_closes_idle_connections_costs_no_attempt(db, make_config, 
 
 
 def test_max_messages_per_connection_opens_a_new_connection(db, make_config, scripts):
-    connections = []  # one entry per SMTP session that got a MAIL FROM
+    connections = []  # each SMTP session that got a MAIL FROM (kept: an id() may be reused)
 
     def count(session):
-        # A mark on the session itself, not id(session): a closed session's id
-        # may be reused by the next one.
-        if not getattr(session, "counted", False):
-            session.counted = True
+        if session not in connections:
             connections.append(session)
 
     with SmtpSink(mail_behaviour=count) as smtp:
