@@ -192,9 +192,10 @@ class Scripts:
         return proc.wait(timeout=timeout)
 
     def log_of(self, proc):
-        proc.log.flush()
-        proc.log.seek(0)
-        return proc.log.read()
+        # A file object of its own: seeking proc.log would move the offset the
+        # script writes at (they share one open file).
+        with open(proc.log.name, errors="replace") as f:
+            return f.read()
 
     def cleanup(self):
         for proc in self.running:

@@ -146,7 +146,7 @@ def test_killed_process_is_replaced_at_once_and_those_of_a_killed_consumer_stop_
         lambda: len(children(consumer)) == 3 and workers[0] not in children(consumer),
         what="a replacement process",
     )
-    assert "starting another" in scripts.log_of(consumer)
+    wait_until(lambda: "starting another" in scripts.log_of(consumer), what="the restart logged")
     smtp.wait_for(500)
     orphans = children(consumer)
     consumer.kill()  # the parent alone: its processes finish their mails in hand and stop
