@@ -67,6 +67,7 @@ class Claimer:
         self.conn: Optional[psycopg2.extensions.connection] = None
         self.claim_unknown = False  # a claim's reply was lost: it may have been committed
         self.sweep_every = min(POLL_INTERVAL, config.queue.claim_lease / 2)
+        self.fetch_bytes = FETCH_BYTES
         self.next_sweep = 0.0
 
     def app_name(self, role: str) -> str:
@@ -75,8 +76,13 @@ class Claimer:
     def serve(self, working: Callable[[], None], drain_only: bool) -> bool:
         listen_conn = None
         try:
-            self.conn = db.connect(self.config.database, self.app_name("claim"))
-            listen_conn = db.connect(self.config.listen_database, self.app_name("listen"))
+            lease = self.config.queue.claim_lease
+            # A round trip longer than that is a cut network (db._Watchdog): the
+            # claim may read attachments, so it has twice the lease.
+            self.conn = db.connect(self.config.database, self.app_name("claim"), deadline=2 * lease)
+            listen_conn = db.connect(
+                self.config.listen_database, self.app_name("listen"), deadline=lease
+            )
             self.register()
             working()
             for _ in doorbell.wakeups(listen_conn, QUEUE_CHANNEL, POLL_INTERVAL, self.stop):
@@ -182,36 +188,45 @@ class Claimer:
         return self.with_attachments(jobs), wait
 
     def with_attachments(self, jobs: list[Job]) -> list[Job]:
-        """Read the files of the jobs that have some, a few jobs per statement.
-        Jobs whose files cannot be read (the connection lost, a statement timeout)
-        go back to the queue, a deferral each; a lost connection is raised after."""
-        attached = [job for job in jobs if job.attachment_bytes]
-        if not attached:
-            return jobs
-        unread = {job.job_id: job for job in attached}
-        try:
-            for group in _groups(attached, FETCH_BYTES):
+        """Read the files of the jobs that have some, a few jobs per statement (one
+        job per statement once a statement timed out: a DBA's statement_timeout).
+        A job whose files cannot be read goes back to the queue, a deferral; a
+        lost connection gives back every job not read yet, and is raised after."""
+        unread = [job for job in jobs if job.attachment_bytes]
+        failed: list[Job] = []
+        while unread:
+            group = _groups(unread, self.fetch_bytes)[0]
+            try:
                 files: dict[int, list[dict[str, Any]]] = {job.job_id: [] for job in group}
-                rows = db.run_dicts(self.conn, "attachments_of", job_ids=list(files))
-                for part in rows:
+                for part in db.run_dicts(self.conn, "attachments_of", job_ids=list(files)):
                     files[part["job_id"]].append(part)
-                for job in group:
-                    job.attachments = files[job.job_id]
-                    del unread[job.job_id]
-        except db.Error as exc:
-            for job in unread.values():
-                self.recorder.submit(
-                    outcomes.put_back(
-                        job,
-                        "could not read its attachments: %s" % db.describe(exc),
-                        self.config.queue,
-                        time.monotonic(),
-                        at_once=True,
+            except db.Error as exc:
+                lost = isinstance(exc, db.CONNECTION_ERRORS)
+                if not lost and len(group) > 1:
+                    self.fetch_bytes = 1  # one job per statement from now on
+                    continue
+                for job in unread if lost else group:
+                    failed.append(job)
+                    self.recorder.submit(
+                        outcomes.put_back(
+                            job,
+                            "could not read its attachments: %s" % db.describe(exc),
+                            self.config.queue,
+                            time.monotonic(),
+                            at_once=True,
+                        )
                     )
-                )
-            if isinstance(exc, db.CONNECTION_ERRORS):
-                raise
-        return [job for job in jobs if job.job_id not in unread]
+                if lost:  # the rest of the batch goes back too, nothing spent
+                    for job in jobs:
+                        if job not in failed:
+                            self.recorder.submit(outcomes.handed_back(job))
+                    raise
+                unread = unread[len(group) :]
+                continue
+            for job in group:
+                job.attachments = files[job.job_id]
+            unread = unread[len(group) :]
+        return [job for job in jobs if job not in failed]
 
     def register(self) -> None:
         """A row in `consumers` for our claims (again, if our lease ran out)."""

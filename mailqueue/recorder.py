@@ -227,7 +227,10 @@ class Recorder:
 
     def _connection(self) -> psycopg2.extensions.connection:
         if self.conn is None or self.conn.closed:
-            self.conn = db.connect(self.database_settings, self.app_name)
+            # a round trip longer than the lease is a cut network (db._Watchdog)
+            self.conn = db.connect(
+                self.database_settings, self.app_name, deadline=max(self.claims.lease, 5.0)
+            )
         return self.conn
 
     def _lost(self, exc: BaseException) -> None:
