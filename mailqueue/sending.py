@@ -169,16 +169,24 @@ class SendingThread:
             job = self.ready.take(wait)
             if job is None:
                 return None
-            if self.claims.is_lost(job.queue_id):
-                self.submit(outcomes.dropped(job))
-                continue
-            if not self._paced(job, wait):
-                return None
-            job.started = self.clock()
-            if not self._prepare(job):
-                continue
-            if not begin or self._begin(job):
-                return job
+            try:
+                if self.claims.is_lost(job.queue_id):
+                    self.submit(outcomes.dropped(job))
+                    continue
+                if not self._paced(job, wait):
+                    return None
+                job.started = self.clock()
+                if self._prepare(job) and (not begin or self._begin(job)):
+                    return job
+            except Exception as exc:  # a poison job must not take the thread down
+                log.exception("job %s: unexpected error", job.job_id)
+                self.sender.abort()
+                self._slot_check()
+                self.submit(
+                    outcomes.failed(
+                        job, "unexpected error: %s: %s" % (type(exc).__name__, exc), self.settings
+                    )
+                )
 
     def _paced(self, job: Job, wait: bool) -> bool:
         """Whether `job` may go now by the throttling governor (waiting for its
@@ -265,6 +273,10 @@ class SendingThread:
             self.gate.refused(exc)
             self.give_back(job)
             return False
+        except BaseException as exc:  # the slot is not left half taken
+            self.slot = None
+            self.gate.refused(smtp.SmtpUnavailable("connecting failed: %r" % exc))
+            raise
         self.slot = "open"
         self.gate.opened()
         return True
