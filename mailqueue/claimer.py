@@ -86,14 +86,14 @@ class Claimer:
             self.register()
             working()
             for _ in doorbell.wakeups(listen_conn, QUEUE_CHANNEL, POLL_INTERVAL, self.stop):
+                if self.on_wakeup:  # an idle process recovers its speed too; progress lines
+                    self.on_wakeup()
                 self.drain()
                 while drain_only and not self.stop.requested and not self.drained():
                     self.claims.wait(DRAIN_RECHECK)
                     self.drain()
                 if drain_only:
                     return True
-                if self.on_wakeup:
-                    self.on_wakeup()
             return True  # stop requested
         finally:
             db.close_quietly(listen_conn)

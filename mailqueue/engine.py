@@ -62,9 +62,9 @@ class Consumer:
             threads,
             stop,
             on_registered,
-            on_wakeup=lambda: self.progress.report(self.governor),
+            on_wakeup=self.on_wakeup,
         )
-        composer = message.Composer(config.smtp)
+        self.composer = composer = message.Composer(config.smtp)
         self.senders = [
             SendingThread(
                 config.smtp,
@@ -80,6 +80,10 @@ class Consumer:
             )
             for _ in range(threads)
         ]
+
+    def on_wakeup(self) -> None:
+        self.governor.step()
+        self.progress.report(self.governor)
 
     def run(self, drain_only: bool = False) -> None:
         """Serve until stopped; with drain_only, until the queue table is empty."""

@@ -422,12 +422,14 @@ SELECT count(*) AS jobs
 
 -- ops_prune_count --
 -- prune: how many finished jobs (completed, dead, uncertain, suppressed, bounced)
--- ended more than %(older_than)s seconds ago (jobs_finished_idx and
--- jobs_other_finished_idx alone).
-SELECT count(*) AS jobs
-  FROM jobs
- WHERE status IN ('completed', 'dead', 'uncertain', 'suppressed', 'bounced')
-   AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second';
+-- ended more than %(older_than)s seconds ago: one count per partial index
+-- (jobs_finished_idx, jobs_other_finished_idx), each read alone.
+SELECT (SELECT count(*) FROM jobs
+         WHERE status IN ('completed', 'dead')
+           AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second')
+     + (SELECT count(*) FROM jobs
+         WHERE status IN ('uncertain', 'suppressed', 'bounced')
+           AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second') AS jobs;
 
 -- ops_prune_batch --
 -- prune: delete up to %(limit)s jobs of %(status)s (a finished status) that ended

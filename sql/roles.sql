@@ -38,7 +38,8 @@ GRANT USAGE ON SEQUENCE attachments_attachment_id_seq TO mailqueue_app;
 -- through the queue. They cannot insert or delete jobs, nor change a mail's
 -- address, subject or content.
 GRANT SELECT ON jobs TO mailqueue_worker;
-GRANT UPDATE (status, start_time, end_time, attempts, last_error, run_at) ON jobs
+GRANT UPDATE (status, start_time, end_time, attempts, last_error, run_at,
+              deferrals, deferred_since, pending_recipients) ON jobs
   TO mailqueue_worker;
 -- (UPDATE on queue only because SELECT ... FOR UPDATE requires it; no query updates it.)
 GRANT SELECT, INSERT, UPDATE, DELETE ON queue TO mailqueue_worker;
