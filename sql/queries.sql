@@ -583,3 +583,12 @@ SELECT names.name,
   LEFT JOIN tallies ON tallies.relay = names.name
   LEFT JOIN usage ON usage.relay = names.name
  ORDER BY names.name;
+
+-- ops_relay_deliveries_since --
+-- Attempts logged in the last %(since)s seconds, per relay and outcome (/metrics);
+-- attempts that name no relay (written before relays) are left out.
+SELECT relay, outcome, count(*) AS deliveries
+  FROM deliveries
+ WHERE finished_at >= now() - %(since)s * interval '1 second' AND relay IS NOT NULL
+ GROUP BY relay, outcome
+ ORDER BY relay, outcome;
