@@ -334,7 +334,7 @@ SELECT outcome, count(*) AS deliveries
  GROUP BY outcome;
 
 -- ops_requeue --
--- Up to %(limit)s jobs of %(status)s (dead or failed), among %(job_ids)s if not
+-- Up to %(limit)s jobs of %(status)s (dead, failed or uncertain), among %(job_ids)s if not
 -- NULL and last tried within %(since)s seconds if not NULL (end_time for dead
 -- jobs, start_time, when last queued, for failed ones), back to available with
 -- attempts = 0; the schema's trigger jobs_ring_producer_on_retry wakes the
@@ -352,7 +352,8 @@ WITH chosen AS (
      FOR UPDATE
 ), requeued AS (
   UPDATE jobs
-     SET status = 'available', attempts = 0, run_at = now(), end_time = NULL
+     SET status = 'available', attempts = 0, deferrals = 0, deferred_since = NULL,
+         run_at = now(), end_time = NULL
     FROM chosen
    WHERE jobs.job_id = chosen.job_id AND jobs.status = %(status)s
   RETURNING jobs.job_id
@@ -369,15 +370,16 @@ SELECT count(*) AS jobs
         OR COALESCE(end_time, start_time) >= LOCALTIMESTAMP - %(since)s * interval '1 second');
 
 -- ops_prune_count --
--- prune: how many finished jobs (completed or dead) ended more than
--- %(older_than)s seconds ago (jobs_finished_idx alone).
+-- prune: how many finished jobs (completed, dead, uncertain, suppressed, bounced)
+-- ended more than %(older_than)s seconds ago (jobs_finished_idx and
+-- jobs_other_finished_idx alone).
 SELECT count(*) AS jobs
   FROM jobs
- WHERE status IN ('completed', 'dead')
+ WHERE status IN ('completed', 'dead', 'uncertain', 'suppressed', 'bounced')
    AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second';
 
 -- ops_prune_batch --
--- prune: delete up to %(limit)s jobs of %(status)s (completed or dead) that ended
+-- prune: delete up to %(limit)s jobs of %(status)s (a finished status) that ended
 -- more than %(older_than)s seconds ago and not before %(after)s, oldest first
 -- (their deliveries and attachments go with them through the foreign keys).
 -- Each batch is its own short transaction; the caller goes on from the latest
@@ -396,7 +398,8 @@ WITH doomed AS (
 ), gone AS (
   DELETE FROM jobs
    USING doomed
-   WHERE jobs.job_id = doomed.job_id AND jobs.status IN ('completed', 'dead')
+   WHERE jobs.job_id = doomed.job_id
+     AND jobs.status IN ('completed', 'dead', 'uncertain', 'suppressed', 'bounced')
   RETURNING jobs.end_time
 )
 SELECT count(*) AS jobs, max(end_time) AS last FROM gone;
