@@ -237,6 +237,23 @@ class Availability:
         return not full and self.health.is_up(relay)
 
 
+class UnknownRoute(Exception):
+    """A job names a route the configuration does not define; the message, one line
+    naming it and the known ones, is the job's last_error (it ends dead, spending
+    no attempt)."""
+
+
+def route_of(routes: Mapping[str, Route], name: str | None) -> Route:
+    """The route of a job whose `route` column is `name` (NULL: "default")."""
+    route = routes.get(name or "default")
+    if route is None:
+        raise UnknownRoute(
+            "the route %r is not in the configuration (known: %s)"
+            % (one_line(str(name))[:64], ", ".join(sorted(routes)))
+        )
+    return route
+
+
 class RouteChooser:
     """The relay for each job, from its route. No database: the caller says what is
     usable (a RelayView). Thread-safe: round robin's position is per route."""

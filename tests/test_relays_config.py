@@ -1,6 +1,8 @@
 """Relays and routes in the configuration (docs/relays.md): what a file gives,
 and every mistake as one line."""
 
+import json
+
 import pytest
 
 from mailqueue import config as configuration
@@ -184,3 +186,28 @@ def test_the_consumer_says_a_relay_mistake_in_one_line_and_exits_1(
     result = scripts.run("consumer.py", "--config", make_config(**sections))
     assert result.returncode == 1
     assert_one_clear_line(result, *words)
+
+
+def test_the_example_of_docs_relays_loads_as_it_reads():
+    import os
+    import re
+
+    from helpers import ROOT
+
+    text = open(os.path.join(ROOT, "docs", "relays.md"), encoding="utf-8").read()
+    [example] = re.findall(r"```json\n(.*?)```", text, re.S)
+    config = configuration.from_dict(
+        json.loads(example), "config.json", environ={"SES_SMTP_PASSWORD": "from-env"}
+    )
+    assert list(config.relays) == ["ses", "postfix"]
+    ses, postfix = config.relays.values()
+    assert (ses.password, ses.rate_limit, ses.daily_quota) == ("from-env", 14, 50000)
+    assert postfix.password == "" and postfix.sender == "Example Shop <noreply@example.com>"
+    assert config.routes["transactional"] == Route("transactional", ("ses", "postfix"))
+    assert config.routes["bulk"] == Route("bulk", ("postfix", "ses"))
+    # the one-line error the docs show
+    broken = json.loads(example)
+    broken["routes"]["bulk"]["relays"][0] = "postfx"
+    with pytest.raises(ConfigError) as caught:
+        configuration.from_dict(broken, "config.json", environ={"SES_SMTP_PASSWORD": "x"})
+    assert "error: %s" % caught.value in text

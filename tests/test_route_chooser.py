@@ -118,3 +118,15 @@ def test_a_route_of_one_relay_always_gives_it_while_usable(strategy):
     chooser = RouteChooser()
     assert {chooser.choose(route, FakeView()) for _ in range(10)} == {"only"}
     assert chooser.choose(route, FakeView({"only"})) is None
+
+
+def test_a_job_names_its_route_and_an_unknown_one_is_a_one_line_error():
+    from mailqueue.relays import UnknownRoute, route_of
+
+    routes = {"default": FAILOVER, "bulk": ROUND_ROBIN}
+    assert route_of(routes, None) is FAILOVER and route_of(routes, "bulk") is ROUND_ROBIN
+    with pytest.raises(UnknownRoute) as caught:
+        route_of(routes, "newsleter\r\nX")
+    assert str(caught.value) == (
+        "the route 'newsleter X' is not in the configuration (known: bulk, default)"
+    )
