@@ -8,8 +8,9 @@ import time
 import psycopg2
 import pytest
 
-from helpers import query, wait_until
-from mailqueue import relays
+from helpers import PASSWORD, query, wait_until
+from mailqueue import db as db_module
+from mailqueue import relays, report
 
 
 @pytest.fixture
@@ -277,3 +278,31 @@ def test_the_relay_columns_are_optional_and_the_seed_insert_still_works(db):
         query(db, "INSERT INTO relay_usage (relay, hour, sent) VALUES ('ses', now(), -1)")
     with pytest.raises(psycopg2.errors.CheckViolation):
         query(db, "INSERT INTO relays (name, probe_until) VALUES ('ses', now())")
+
+
+def test_the_worker_role_is_enough_for_every_relay_statement(db, postgres, database, roles):
+    def login(role):
+        conn = psycopg2.connect(postgres.dsn(database), user=roles[role], password=PASSWORD)
+        conn.autocommit = True
+        return conn
+
+    worker, app = login("mailqueue_worker"), login("mailqueue_app")
+    try:
+        query(
+            app,
+            "INSERT INTO jobs (email, content_message, route) "
+            "VALUES ('a@example.com', 'x', 'bulk')",
+        )
+        relays.register(worker, ["ses", "postfix"])
+        assert relays.mark_down(worker, "ses", 30, "connection refused")
+        query(db, "UPDATE relays SET down_until = now() - interval '1 second'")
+        assert relays.claim_probe(worker, "ses", 10) and relays.mark_up(worker, "ses")
+        assert not relays.read_states(worker)["ses"].down
+        assert relays.take_tokens(worker, "ses", 2, 100.0).granted == 2
+        assert relays.take_quota(worker, "ses", 4, 10) == 4
+        relays.give_back_quota(worker, "ses", 1)
+        assert report.relays_of(worker, 3600)["ses"]["quota_used"] == 3
+        assert db_module.run(worker, "ops_relay_deliveries_since", since=3600) == []
+    finally:
+        worker.close()
+        app.close()
