@@ -121,6 +121,7 @@ class HealthCache:
         self.states: dict[str, RelayState] | None = None
         self.read_at = 0.0
         self.reading = False
+        self.noted: dict[str, RelayState] = {}  # noted while a read was under way
 
     def get(self) -> dict[str, RelayState]:
         with self.lock:
@@ -128,12 +129,15 @@ class HealthCache:
             if fresh or (self.reading and self.states is not None):
                 return self.states  # type: ignore[return-value]  # not None here
             self.reading = True
+            self.noted = {}
         try:
             states = dict(self.reader())
         finally:
             with self.lock:
                 self.reading = False
         with self.lock:
+            # a note made during the read may be newer than what the read saw
+            states.update(self.noted)
             self.states, self.read_at = states, self.clock()
             return states
 
@@ -156,6 +160,8 @@ class HealthCache:
 
     def _note(self, state: RelayState) -> None:
         with self.lock:
+            if self.reading:
+                self.noted[state.name] = state
             if self.states is not None:
                 self.states = dict(self.states, **{state.name: state})
 

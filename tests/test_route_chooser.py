@@ -130,3 +130,18 @@ def test_a_job_names_its_route_and_an_unknown_one_is_a_one_line_error():
     assert str(caught.value) == (
         "the route 'newsleter X' is not in the configuration (known: bulk, default)"
     )
+
+
+def test_a_note_made_while_the_health_is_being_read_is_not_lost():
+    now = [0.0]
+    cache = None
+
+    def reader():  # another thread marks ses down while this read is under way
+        cache.note_down("ses", "connection refused")
+        return {"ses": RelayState("ses", down=False, probe_due=False)}
+
+    cache = HealthCache(reader, clock=lambda: now[0])
+    assert not cache.is_up("ses"), "the read began before the note: the note wins"
+    now[0] += 2
+    cache.reader = lambda: {"ses": RelayState("ses", down=False, probe_due=False)}
+    assert cache.is_up("ses"), "a read begun after the note is the truth again"
