@@ -3,6 +3,12 @@
 Every key but the database's has a default, so a minimal file works. Mistakes
 (a missing file, bad JSON, an unknown key, a wrong type) raise ConfigError with
 one line that names the file and the key.
+
+Relays and routes (docs/relays.md): `relays` names the SMTP servers, each taking
+the keys of `smtp` (whose values they inherit, but for user and password) plus
+its limits; `routes` names lists of them. Without `relays`, `smtp` is the one
+relay, named `default`; without `routes`, the route `default` is every relay in
+order, failover.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 from mailqueue import addresses, signing
 
@@ -31,6 +38,10 @@ SMTP_ENV = {
     "password": "MAILQUEUE_SMTP_PASSWORD",
 }
 SECURITY_MODES = ("none", "starttls", "ssl")
+STRATEGIES = ("failover", "round_robin")
+DEFAULT = "default"  # the relay made of `smtp` alone, and the route of jobs with none
+# Relay and route names: they appear in logs, pages, metrics' labels and buckets.
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class ConfigError(Exception):
@@ -64,6 +75,34 @@ class SmtpSettings:
 
 
 @dataclass(frozen=True)
+class RelaySettings(SmtpSettings):
+    """One SMTP server mails may go through: everything `smtp` says, and its limits."""
+
+    name: str = DEFAULT
+    concurrency: Optional[int] = None  # mails in flight to it per consumer; None: no own cap
+    rate_limit: Optional[float] = None  # mails per second, across all consumers; None: no limit
+    daily_quota: Optional[int] = None  # mails per rolling 24 hours, across all consumers
+
+    def __repr__(self) -> str:  # never show the password, even in a traceback
+        return "RelaySettings(name=%r, host=%r, port=%r, user=%r, security=%r)" % (
+            self.name,
+            self.host,
+            self.port,
+            self.user,
+            self.security,
+        )
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a job whose `route` is this name may go: these relays, in this order."""
+
+    name: str
+    relays: tuple[str, ...]
+    strategy: str = "failover"  # or round_robin
+
+
+@dataclass(frozen=True)
 class QueueSettings:
     max_attempts: int = 5  # sends tried before a job is dead
     retry_delay: float = 60.0  # seconds before the first retry; doubles each time
@@ -81,6 +120,7 @@ class QueueSettings:
     # attachment bytes a consumer process holds at once (claimed and in flight); a
     # claim takes fewer jobs when their files are big; one job larger goes alone
     max_claimed_bytes: int = 256 * 1024 * 1024
+    relay_retry_after: float = 30.0  # seconds a failed relay is left alone by every consumer
 
 
 @dataclass(frozen=True)
@@ -89,8 +129,12 @@ class Config:
     database: dict[str, Any]  # keyword arguments for psycopg2.connect (the seed's five keys)
     # the same, for LISTEN (a direct connection when database is a pooler)
     listen_database: dict[str, Any]
-    smtp: SmtpSettings
+    smtp: SmtpSettings  # the defaults of every relay (the one relay without `relays`)
     queue: QueueSettings
+    # name -> relay, in the order written; never empty
+    relays: dict[str, RelaySettings] = dataclasses.field(default_factory=dict)
+    # name -> route; always has "default"
+    routes: dict[str, Route] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
         return "Config(path=%r)" % self.path
@@ -126,7 +170,19 @@ _QUEUE_TYPES: dict[str, tuple[type, ...]] = {
     "max_deferrals": (int,),
     "max_defer_time": (int, float),
     "max_claimed_bytes": (int,),
+    "relay_retry_after": (int, float),
 }
+# A relay's own keys, beside those of smtp.
+_RELAY_TYPES: dict[str, tuple[type, ...]] = dict(
+    _SMTP_TYPES,
+    password_env=(str,),
+    concurrency=(int, type(None)),
+    rate_limit=(int, float, type(None)),
+    daily_quota=(int, type(None)),
+)
+# What a relay does not inherit from smtp: credentials go only where they are written.
+_NOT_INHERITED = ("user", "password")
+_ROUTE_TYPES: dict[str, tuple[type, ...]] = {"relays": (list,), "strategy": (str,)}
 _DATABASE_TYPES: dict[str, tuple[type, ...]] = {
     "database": (str,),
     "user": (str,),
@@ -159,7 +215,9 @@ def from_dict(
     environ = {} if environ is None else environ
     if not isinstance(raw, dict):
         raise ConfigError("%s: the top level must be a JSON object" % path)
-    _no_unknown_keys(raw, ("database", "listen_database", "smtp", "queue"), path, "")
+    _no_unknown_keys(
+        raw, ("database", "listen_database", "smtp", "queue", "relays", "routes"), path, ""
+    )
 
     database = _section(raw, "database", _DATABASE_TYPES, path)
     for key, var in DATABASE_ENV.items():
@@ -177,36 +235,9 @@ def from_dict(
     for key, var in SMTP_ENV.items():
         if environ.get(var):
             smtp_raw[key] = environ[var]
-    smtp = SmtpSettings(**smtp_raw)
-    if smtp.security not in SECURITY_MODES:
-        raise ConfigError(
-            "%s: smtp.security must be one of %s, not %r"
-            % (path, ", ".join(SECURITY_MODES), smtp.security)
-        )
-    _port(smtp.port, path, "smtp.port")
-    for key in ("timeout", "data_timeout"):
-        if getattr(smtp, key) <= 0:
-            raise ConfigError("%s: smtp.%s must be a positive number of seconds" % (path, key))
-    if smtp.max_messages_per_connection < 1:
-        raise ConfigError("%s: smtp.max_messages_per_connection must be at least 1" % path)
-    if smtp.ca_file is not None and not os.path.isfile(smtp.ca_file):
-        raise ConfigError("%s: smtp.ca_file %r is not a file" % (path, smtp.ca_file))
-    if smtp.max_message_bytes is not None and smtp.max_message_bytes < 1:
-        raise ConfigError(
-            "%s: smtp.max_message_bytes must be at least 1 (or null: the server's SIZE only)" % path
-        )
-    if smtp.dkim is not None:
-        try:
-            smtp = dataclasses.replace(smtp, dkim=signing.load_key(smtp.dkim))
-        except signing.BadKey as exc:
-            raise ConfigError("%s: %s" % (path, exc)) from None
-    try:
-        addresses.parse_sender(smtp.sender, smtp.allow_local_domains)
-        addresses.check_header_text(smtp.subject, "smtp.subject")
-    except addresses.BadAddress as exc:
-        raise ConfigError("%s: smtp.sender: %s" % (path, exc)) from None
-    except addresses.BadHeader as exc:
-        raise ConfigError("%s: %s" % (path, exc)) from None
+    smtp = _checked(SmtpSettings(**smtp_raw), path, "smtp")
+    relays = _relays(raw, smtp, path, environ)
+    routes = _routes(raw, relays, path)
 
     queue = QueueSettings(**_section(raw, "queue", _QUEUE_TYPES, path))
     for key in ("max_attempts", "batch_size", "producer_batch_size", "concurrency"):
@@ -229,15 +260,157 @@ def from_dict(
         raise ConfigError("%s: queue.claim_lease must be at least 1 second" % path)
     if queue.retry_delay < 0 or queue.max_retry_delay < queue.retry_delay:
         raise ConfigError("%s: queue.retry_delay must be >= 0 and <= queue.max_retry_delay" % path)
+    if queue.relay_retry_after <= 0:
+        raise ConfigError("%s: queue.relay_retry_after must be a positive number of seconds" % path)
     return Config(
-        path=path, database=database, listen_database=listen_database, smtp=smtp, queue=queue
+        path=path,
+        database=database,
+        listen_database=listen_database,
+        smtp=smtp,
+        queue=queue,
+        relays=relays,
+        routes=routes,
     )
 
 
+_SettingsT = TypeVar("_SettingsT", SmtpSettings, RelaySettings)
+
+
+def _checked(smtp: _SettingsT, path: str, where: str) -> _SettingsT:
+    """The settings of `smtp` or of a relay (`where` names it), checked, with the
+    DKIM key read; or ConfigError."""
+    if smtp.security not in SECURITY_MODES:
+        raise ConfigError(
+            "%s: %s.security must be one of %s, not %r"
+            % (path, where, ", ".join(SECURITY_MODES), smtp.security)
+        )
+    _port(smtp.port, path, where + ".port")
+    for key in ("timeout", "data_timeout"):
+        if getattr(smtp, key) <= 0:
+            raise ConfigError("%s: %s.%s must be a positive number of seconds" % (path, where, key))
+    if smtp.max_messages_per_connection < 1:
+        raise ConfigError("%s: %s.max_messages_per_connection must be at least 1" % (path, where))
+    if smtp.ca_file is not None and not os.path.isfile(smtp.ca_file):
+        raise ConfigError("%s: %s.ca_file %r is not a file" % (path, where, smtp.ca_file))
+    if smtp.max_message_bytes is not None and smtp.max_message_bytes < 1:
+        raise ConfigError(
+            "%s: %s.max_message_bytes must be at least 1 (or null: the server's SIZE only)"
+            % (path, where)
+        )
+    if isinstance(smtp.dkim, dict):  # a key already read (inherited from smtp) stays
+        try:
+            smtp = dataclasses.replace(smtp, dkim=signing.load_key(smtp.dkim))
+        except signing.BadKey as exc:
+            raise ConfigError("%s: %s" % (path, exc)) from None
+    try:
+        addresses.parse_sender(smtp.sender, smtp.allow_local_domains)
+        addresses.check_header_text(smtp.subject, where + ".subject")
+    except addresses.BadAddress as exc:
+        raise ConfigError("%s: %s.sender: %s" % (path, where, exc)) from None
+    except addresses.BadHeader as exc:
+        raise ConfigError("%s: %s" % (path, exc)) from None
+    return smtp
+
+
+def _relays(
+    raw: dict[str, Any],
+    smtp: SmtpSettings,
+    path: str,
+    environ: Mapping[str, str],
+) -> dict[str, RelaySettings]:
+    """The relays, in the order written; without `relays`, smtp as the relay "default"."""
+    inherited = {f.name: getattr(smtp, f.name) for f in dataclasses.fields(SmtpSettings)}
+    if "relays" not in raw:
+        return {DEFAULT: RelaySettings(name=DEFAULT, **inherited)}
+    section = raw["relays"]
+    if not isinstance(section, dict) or not section:
+        raise ConfigError("%s: relays must be a JSON object naming at least one relay" % path)
+    for key in _NOT_INHERITED:
+        inherited.pop(key)
+    relays = {}
+    for name, given in section.items():
+        where = "relays." + name
+        if not _NAME.match(name):
+            raise ConfigError(
+                "%s: relay name %r: use 1 to 64 letters, digits, '_', '.' or '-'" % (path, name)
+            )
+        if not isinstance(given, dict):
+            raise ConfigError("%s: %s must be a JSON object" % (path, where))
+        own = _section(section, name, _RELAY_TYPES, path, prefix="relays.")
+        variable = own.pop("password_env", None)
+        if variable is not None:
+            if "password" in own:
+                raise ConfigError(
+                    "%s: %s has both password and password_env: keep one" % (path, where)
+                )
+            if not environ.get(variable):
+                raise ConfigError(
+                    "%s: %s.password_env names %s, which is not set" % (path, where, variable)
+                )
+            own["password"] = environ[variable]
+        relay = _checked(RelaySettings(name=name, **dict(inherited, **own)), path, where)
+        if relay.concurrency is not None and relay.concurrency < 1:
+            raise ConfigError("%s: %s.concurrency must be at least 1 (or null)" % (path, where))
+        if relay.rate_limit is not None and relay.rate_limit <= 0:
+            raise ConfigError(
+                "%s: %s.rate_limit must be a positive number of mails per second (or null)"
+                % (path, where)
+            )
+        if relay.daily_quota is not None and relay.daily_quota < 1:
+            raise ConfigError(
+                "%s: %s.daily_quota must be at least 1 mail (or null: no quota)" % (path, where)
+            )
+        relays[name] = relay
+    return relays
+
+
+def _routes(raw: dict[str, Any], relays: dict[str, RelaySettings], path: str) -> dict[str, Route]:
+    """The routes; "default" is every relay in order, failover, unless written."""
+    section = raw.get("routes", {})
+    if not isinstance(section, dict):
+        raise ConfigError("%s: routes must be a JSON object" % path)
+    routes = {}
+    for name, given in section.items():
+        where = "routes." + name
+        if not _NAME.match(name):
+            raise ConfigError(
+                "%s: route name %r: use 1 to 64 letters, digits, '_', '.' or '-'" % (path, name)
+            )
+        if not isinstance(given, dict):
+            raise ConfigError("%s: %s must be a JSON object" % (path, where))
+        own = _section(section, name, _ROUTE_TYPES, path, prefix="routes.")
+        names = own.get("relays")
+        if not names:
+            raise ConfigError("%s: %s.relays must name at least one relay" % (path, where))
+        for relay in names:
+            if relay not in relays:
+                raise ConfigError(
+                    "%s: %s names the relay %r, which relays does not define (known: %s)"
+                    % (path, where, relay, ", ".join(relays))
+                )
+        if len(set(names)) < len(names):
+            raise ConfigError("%s: %s.relays names a relay twice" % (path, where))
+        strategy = own.get("strategy", "failover")
+        if strategy not in STRATEGIES:
+            raise ConfigError(
+                "%s: %s.strategy must be one of %s, not %r"
+                % (path, where, ", ".join(STRATEGIES), strategy)
+            )
+        routes[name] = Route(name=name, relays=tuple(names), strategy=strategy)
+    if DEFAULT not in routes:
+        routes[DEFAULT] = Route(name=DEFAULT, relays=tuple(relays), strategy="failover")
+    return routes
+
+
 def _section(
-    raw: dict[str, Any], name: str, types: dict[str, tuple[type, ...]], path: str
+    raw: dict[str, Any],
+    name: str,
+    types: dict[str, tuple[type, ...]],
+    path: str,
+    prefix: str = "",
 ) -> dict[str, Any]:
     section = raw.get(name, {})
+    name = prefix + name
     if not isinstance(section, dict):
         raise ConfigError("%s: %s must be a JSON object" % (path, name))
     _no_unknown_keys(section, types, path, name + ".")
@@ -254,6 +427,7 @@ def _section(
                     "float": "a number",
                     "bool": "true or false",
                     "dict": "a JSON object",
+                    "list": "a JSON list",
                 }[t.__name__]
                 for t in allowed
             )

@@ -87,6 +87,8 @@ def collect(conn: connection) -> dict[str, Any]:
     figures["latest_failures"] = db.run_dicts(conn, "ops_latest_failures", limit=LATEST_FAILURES)
     deliveries = dict(db.run(conn, "ops_deliveries_since", since=WINDOW))
     figures["deliveries"] = {outcome: deliveries.get(outcome, 0) for outcome in OUTCOMES}
+    # figures["relays"] comes with report.gather; per outcome for /metrics:
+    figures["relay_deliveries"] = db.run(conn, "ops_relay_deliveries_since", since=WINDOW)
     figures["taken_at"] = time.time()
     return figures
 
@@ -330,7 +332,35 @@ def panel(figures: dict[str, Any], show_recipients: bool = False) -> str:
             lag_chart(figures["per_minute"]),
             "<h2>Latest failures</h2>",
             table,
+            relays_table(figures["relays"]),
         ]
+    )
+
+
+def relays_table(relays: dict[str, dict[str, Any]]) -> str:
+    """A row per relay (docs/relays.md): up or down, sent and failed in the last
+    hour, its daily quota used; nothing when the database knows no relay."""
+    if not relays:
+        return ""
+    rows = "".join(
+        '<tr class="relay %s" data-relay="%s"><td>%s</td><td class="health">%s</td>'
+        '<td>%d</td><td>%d</td><td>%d</td><td class="reason">%s</td></tr>'
+        % (
+            "down" if r["down"] else "up",
+            _e(name),
+            _e(name),
+            "down until %s" % _e((r["down_until"] or "-")[11:19]) if r["down"] else "up",
+            r["sent"],
+            r["failed"],
+            r["quota_used"],
+            _e(r["last_error"]) if r["down"] else "",
+        )
+        for name, r in relays.items()
+    )
+    return (
+        '<h2>Relays</h2><table id="relays"><tr><th>relay</th><th>health</th>'
+        "<th>sent, last hour</th><th>failed, last hour</th><th>quota used (24 h)</th>"
+        "<th>why down</th></tr>%s</table>" % rows
     )
 
 
@@ -392,6 +422,34 @@ class _Figures:
         for outcome, count in f["deliveries"].items():
             deliveries.add_metric([outcome], count)
         yield deliveries
+        yield from _relay_metrics(f)
+
+
+def _relay_metrics(f: dict[str, Any]) -> Iterator[Metric]:
+    """Per relay (docs/relays.md): up, attempts per outcome, quota used."""
+    up = GaugeMetricFamily(
+        "mailqueue_relay_up",
+        "1 while the relay is up for every consumer, 0 while marked down.",
+        labels=["relay"],
+    )
+    quota = GaugeMetricFamily(
+        "mailqueue_relay_quota_used",
+        "Mails its daily_quota counts now (the rolling 24 hours).",
+        labels=["relay"],
+    )
+    for name, relay in f["relays"].items():
+        up.add_metric([name], 0 if relay["down"] else 1)
+        quota.add_metric([name], relay["quota_used"])
+    yield up
+    yield quota
+    deliveries = GaugeMetricFamily(
+        "mailqueue_relay_deliveries_last_hour",
+        "Send attempts logged in deliveries in the last hour, per relay and outcome.",
+        labels=["relay", "outcome"],
+    )
+    for relay_name, outcome, count in f["relay_deliveries"]:
+        deliveries.add_metric([relay_name, outcome], count)
+    yield deliveries
 
 
 def metrics(figures: dict[str, Any]) -> bytes:

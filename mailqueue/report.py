@@ -6,8 +6,11 @@ sent in the window), sent_per_minute, lag_seconds (p50, p95 and max of
 end_time - start_time of the jobs finished in the window), oldest_waiting_seconds
 (how long the oldest job that is due and not yet sent has waited, or null) and
 failures (up to 10 {reason, jobs}: the failed and dead attempts of the window,
-the same SMTP reply for different recipients being one reason). Every figure
-comes from one query of sql/queries.sql (ops_*), each reading an index.
+the same SMTP reply for different recipients being one reason), and relays
+({name: {sent, failed, down, down_until, last_error, quota_used}}: every relay
+known to the database, its attempts in the window (failed counts failed and
+dead), its shared health, and the mails its daily quota counts now; docs/relays.md).
+Every figure comes from one query of sql/queries.sql (ops_*).
 """
 
 from __future__ import annotations
@@ -50,6 +53,22 @@ def gather(conn: connection, since: float) -> dict[str, Any]:
         "lag_seconds": {key: _seconds(finished[key]) for key in ("p50", "p95", "max")},
         "oldest_waiting_seconds": _seconds(waiting["oldest_waiting_seconds"]),
         "failures": [{"reason": r["reason"], "jobs": r["jobs"]} for r in reasons],
+        "relays": relays_of(conn, since),
+    }
+
+
+def relays_of(conn: connection, since: float) -> dict[str, dict[str, Any]]:
+    """The report's `relays`: per relay name, what happened in the window."""
+    return {
+        row["name"]: {
+            "sent": row["sent"],
+            "failed": row["failed"],
+            "down": row["down"],
+            "down_until": row["down_until"].isoformat() if row["down_until"] else None,
+            "last_error": row["last_error"],
+            "quota_used": row["quota_used"],
+        }
+        for row in db.run_dicts(conn, "ops_relays", since=since)
     }
 
 
@@ -79,7 +98,26 @@ def as_text(report: dict[str, Any], window: str) -> str:
         lines += ["  %6d  %s" % (f["jobs"], f["reason"]) for f in report["failures"]]
     else:
         lines.append("No attempt failed.")
+    if report["relays"]:
+        lines.append("Relays (sent and failed in the last %s):" % window)
+        lines += ["  " + _relay_line(name, r) for name, r in report["relays"].items()]
     return "\n".join(lines)
+
+
+def _relay_line(name: str, relay: dict[str, Any]) -> str:
+    health = "up"
+    if relay["down"]:
+        health = "DOWN until %s (%s)" % (
+            (relay["down_until"] or "-")[:19].replace("T", " "),
+            relay["last_error"] or "no reason recorded",
+        )
+    return "%-16s sent %8d  failed %6d  quota used %8d  %s" % (
+        name,
+        relay["sent"],
+        relay["failed"],
+        relay["quota_used"],
+        health,
+    )
 
 
 def _shown(seconds: float | None) -> str:

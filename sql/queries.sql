@@ -456,3 +456,195 @@ WITH doomed AS (
   RETURNING jobs.end_time
 )
 SELECT count(*) AS jobs, max(end_time) AS last FROM gone;
+
+-- =============================================================================
+-- Several relays (mailqueue/relays.py; docs/relays.md): health shared by every
+-- consumer, rate and daily quota per relay. The hour of relay_usage is always
+-- truncated in UTC, so that consumers in any TimeZone count the same rows.
+-- =============================================================================
+
+-- relay_register --
+-- A consumer starts: a row of relays for each relay it knows (%(names)s), up
+-- unless another consumer already knows better.
+INSERT INTO relays (name)
+SELECT name FROM unnest(%(names)s::varchar[]) AS given(name)
+ON CONFLICT (name) DO NOTHING;
+
+-- relay_states --
+-- Every relay's health, judged by the database's clock: down (not yet known to
+-- be back), and probe_due: down_until has passed and no consumer is trying it.
+SELECT name,
+       down_until IS NOT NULL AS down,
+       down_until IS NOT NULL AND down_until <= now()
+         AND (probe_until IS NULL OR probe_until < now()) AS probe_due,
+       down_until, probe_until, last_error, changed_at
+  FROM relays
+ ORDER BY name;
+
+-- relay_mark_down --
+-- The relay %(relay)s failed (%(reason)s): down for every consumer for
+-- %(seconds)s seconds from now, any probe ended. `changed` is true only when it
+-- was up (or unknown) before: the caller logs the change once. (changed_at is set
+-- to this transaction's now() exactly when the state flips.)
+INSERT INTO relays AS r (name, down_until, last_error, changed_at)
+VALUES (%(relay)s, now() + %(seconds)s * interval '1 second', %(reason)s, now())
+ON CONFLICT (name) DO UPDATE
+   SET down_until = EXCLUDED.down_until,
+       last_error = EXCLUDED.last_error,
+       probe_until = NULL,
+       changed_at = CASE WHEN r.down_until IS NULL THEN now() ELSE r.changed_at END
+RETURNING changed_at = now() AS changed;
+
+-- relay_mark_up --
+-- The relay %(relay)s worked: up for every consumer. A row comes back only if it
+-- was down (the caller logs the change once); an up relay is not written.
+UPDATE relays
+   SET down_until = NULL, probe_until = NULL, changed_at = now()
+ WHERE name = %(relay)s AND down_until IS NOT NULL
+RETURNING name;
+
+-- relay_claim_probe --
+-- The right to try the relay %(relay)s again, once its down_until has passed:
+-- one caller across all consumers gets the row back; the others (a concurrent
+-- UPDATE re-checks the condition on the row the winner wrote) get none, and keep
+-- seeing it down until the probe marks it up or down, or %(hold)s seconds pass
+-- (a prober that died).
+UPDATE relays
+   SET probe_until = now() + %(hold)s * interval '1 second'
+ WHERE name = %(relay)s
+   AND down_until <= now()
+   AND (probe_until IS NULL OR probe_until < now())
+RETURNING name;
+
+-- relay_open_bucket --
+-- The token bucket of the relay %(relay)s's rate_limit (a row of send_rate named
+-- 'relay:' and the relay), full (%(burst)s tokens) when new.
+INSERT INTO send_rate (bucket, tokens)
+VALUES ('relay:' || %(relay)s, %(burst)s)
+ON CONFLICT (bucket) DO NOTHING;
+
+-- relay_take_tokens --
+-- Up to %(wanted)s mails to the relay %(relay)s under its rate_limit: its bucket
+-- is locked, brought up to date (%(rate)s tokens a second, at most %(burst)s
+-- saved up), and each mail granted takes a token. wait_seconds: until the next
+-- token. No row when the bucket does not exist yet (relay_open_bucket, then again).
+WITH bucket AS (
+  SELECT clock_timestamp() AS at,
+         LEAST(%(burst)s::float8,
+               tokens + %(rate)s * EXTRACT(EPOCH FROM clock_timestamp() - refreshed_at))
+           AS tokens
+    FROM send_rate
+   WHERE bucket = 'relay:' || %(relay)s
+     FOR UPDATE
+), granted AS (
+  SELECT at, tokens, GREATEST(0, LEAST(%(wanted)s, floor(tokens)))::int AS mails
+    FROM bucket
+), spent AS (
+  UPDATE send_rate
+     SET tokens = granted.tokens - granted.mails, refreshed_at = granted.at
+    FROM granted
+   WHERE send_rate.bucket = 'relay:' || %(relay)s
+  RETURNING send_rate.tokens
+)
+SELECT granted.mails AS granted,
+       GREATEST(0.0, (1 - spent.tokens) / %(rate)s::float8) AS wait_seconds
+  FROM granted, spent;
+
+-- relay_open_hour --
+-- The relay %(relay)s's row of relay_usage for this hour, and its rows older than
+-- the quota's window gone (once an hour per relay).
+WITH old AS (
+  DELETE FROM relay_usage
+   WHERE relay = %(relay)s
+     AND hour < (date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                - interval '24 hours'
+)
+INSERT INTO relay_usage (relay, hour)
+VALUES (%(relay)s, date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+ON CONFLICT (relay, hour) DO NOTHING;
+
+-- relay_take_quota --
+-- Up to %(wanted)s mails of the relay %(relay)s's daily_quota (%(quota)s mails in
+-- the rolling 24 hours, counted as this hour and the 24 before it, so a mail
+-- counts for 24 to 25 hours). This hour's row is locked (FOR UPDATE reads its
+-- newest version, written by any consumer), so that two consumers never both take
+-- the last mails; the earlier hours no longer change. No row when this hour's row
+-- does not exist yet (relay_open_hour, then again).
+WITH this_hour AS (
+  SELECT sent, hour
+    FROM relay_usage
+   WHERE relay = %(relay)s
+     AND hour = date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+     FOR UPDATE
+), earlier AS (
+  SELECT COALESCE(sum(sent), 0) AS sent
+    FROM relay_usage
+   WHERE relay = %(relay)s
+     AND hour >= (date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                 - interval '24 hours'
+     AND hour < date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+), granted AS (
+  SELECT this_hour.hour,
+         GREATEST(0, LEAST(%(wanted)s, %(quota)s - earlier.sent - this_hour.sent))::int AS mails
+    FROM this_hour, earlier
+), taken AS (
+  UPDATE relay_usage
+     SET sent = relay_usage.sent + granted.mails
+    FROM granted
+   WHERE relay_usage.relay = %(relay)s AND relay_usage.hour = granted.hour
+     AND granted.mails > 0
+)
+SELECT mails AS granted FROM granted;
+
+-- relay_give_back_quota --
+-- %(count)s mails taken from the relay %(relay)s's quota were not sent after all:
+-- taken off its latest hour that has any.
+UPDATE relay_usage
+   SET sent = sent - LEAST(sent, %(count)s)
+ WHERE relay = %(relay)s
+   AND hour = (SELECT max(hour) FROM relay_usage WHERE relay = %(relay)s AND sent > 0);
+
+-- ops_relays --
+-- Reports: every relay known (the relays table, and those named by the attempts
+-- of the window), with its attempts in the last %(since)s seconds (sent; failed
+-- or dead), its health, and its quota used (the rolling 24 hours of
+-- relay_take_quota).
+WITH tallies AS (
+  SELECT relay,
+         count(*) FILTER (WHERE outcome = 'sent') AS sent,
+         count(*) FILTER (WHERE outcome IN ('failed', 'dead')) AS failed
+    FROM deliveries
+   WHERE finished_at >= now() - %(since)s * interval '1 second' AND relay IS NOT NULL
+   GROUP BY relay
+), usage AS (
+  SELECT relay, sum(sent) AS used
+    FROM relay_usage
+   WHERE hour >= (date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                - interval '24 hours'
+   GROUP BY relay
+), names AS (
+  SELECT name FROM relays
+  UNION
+  SELECT relay FROM tallies
+)
+SELECT names.name,
+       COALESCE(tallies.sent, 0) AS sent,
+       COALESCE(tallies.failed, 0) AS failed,
+       relays.down_until IS NOT NULL AS down,
+       relays.down_until,
+       relays.last_error,
+       COALESCE(usage.used, 0)::bigint AS quota_used
+  FROM names
+  LEFT JOIN relays ON relays.name = names.name
+  LEFT JOIN tallies ON tallies.relay = names.name
+  LEFT JOIN usage ON usage.relay = names.name
+ ORDER BY names.name;
+
+-- ops_relay_deliveries_since --
+-- Attempts logged in the last %(since)s seconds, per relay and outcome (/metrics);
+-- attempts that name no relay (written before relays) are left out.
+SELECT relay, outcome, count(*) AS deliveries
+  FROM deliveries
+ WHERE finished_at >= now() - %(since)s * interval '1 second' AND relay IS NOT NULL
+ GROUP BY relay, outcome
+ ORDER BY relay, outcome;

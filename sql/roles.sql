@@ -61,3 +61,10 @@ GRANT SELECT ON attachments TO mailqueue_worker;
 -- which only the owner (or a role you grant DELETE ON jobs) may do.
 GRANT SELECT ON mailqueue_status_counts, mailqueue_per_minute, mailqueue_failures
   TO mailqueue_worker;
+
+-- Several relays (docs/relays.md): the consumers share each relay's health and
+-- its quota's hourly counts; the rate limit per relay is a bucket of send_rate
+-- (granted above), and the worker may add one for each relay.
+GRANT SELECT, INSERT, UPDATE ON relays TO mailqueue_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON relay_usage TO mailqueue_worker;
+GRANT INSERT ON send_rate TO mailqueue_worker;

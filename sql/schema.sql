@@ -492,3 +492,82 @@ $v$)
   END LOOP;
 END
 $$;
+
+
+-- =============================================================================
+-- Several relays: routes per job, relay health and quotas shared by every
+-- consumer (issue 19; docs/relays.md)
+-- =============================================================================
+
+-- relays: the health of each relay named in the configuration, shared by every
+-- consumer of the database, so that one consumer's failure spares the others the
+-- same timeout. A row is made for each relay when a consumer starts.
+--   up         down_until IS NULL
+--   down       down_until IS NOT NULL: left alone until down_until; after it, one
+--              consumer at a time may try it (probe_until: that try's deadline),
+--              and the others see it down until the try marks it up or down again.
+CREATE TABLE IF NOT EXISTS relays (
+  name VARCHAR PRIMARY KEY,             -- as in the configuration's relays object
+  down_until TIMESTAMPTZ,               -- NULL: up
+  last_error TEXT,                      -- why it was last marked down (kept once up again)
+  probe_until TIMESTAMPTZ,              -- a consumer is trying it until then
+  changed_at TIMESTAMPTZ NOT NULL DEFAULT now()  -- when it last went down or came back up
+);
+
+-- relay_usage: the mails each relay was given, one row per relay per hour, for
+-- its daily_quota (a rolling 24 hours, counted over at most 25 rows).
+CREATE TABLE IF NOT EXISTS relay_usage (
+  relay VARCHAR NOT NULL,
+  hour TIMESTAMPTZ NOT NULL,            -- date_trunc('hour', ...): the hour they went in
+  sent INTEGER NOT NULL DEFAULT 0,      -- mails given to the relay in that hour
+  PRIMARY KEY (relay, hour)
+);
+
+-- Columns for relays, added as the ones above are.
+DO $$
+DECLARE
+  col RECORD;
+BEGIN
+  FOR col IN SELECT * FROM (VALUES
+    -- the route (configuration: routes) the job goes by; NULL: the route "default"
+    ('jobs', 'route', 'VARCHAR'),
+    -- the relay this attempt went to; NULL: not known (written before relays)
+    ('deliveries', 'relay', 'VARCHAR')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = col.tbl::regclass AND attname = col.name
+                     AND NOT attisdropped) THEN
+      EXECUTE format('ALTER TABLE %I ADD COLUMN %I %s', col.tbl, col.name, col.definition);
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- Their invariants, added NOT VALID then validated, as above.
+DO $$
+DECLARE
+  con RECORD;
+BEGIN
+  FOR con IN SELECT * FROM (VALUES
+    -- a probe is only ever held on a relay that is down
+    ('relays', 'relays_probe_only_when_down',
+     'CHECK (probe_until IS NULL OR down_until IS NOT NULL)'),
+    -- mails given back never take an hour below zero
+    ('relay_usage', 'relay_usage_sent_not_negative', 'CHECK (sent >= 0)')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = con.tbl::regclass AND conname = con.name) THEN
+      EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I %s NOT VALID',
+                     con.tbl, con.name, con.definition);
+      BEGIN
+        EXECUTE format('ALTER TABLE %I VALIDATE CONSTRAINT %I', con.tbl, con.name);
+      EXCEPTION WHEN check_violation OR foreign_key_violation THEN
+        RAISE WARNING 'existing rows of % break constraint %; new rows are checked, fix the old ones and run this script again',
+          con.tbl, con.name;
+      END;
+    END IF;
+  END LOOP;
+END
+$$;

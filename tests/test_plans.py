@@ -127,6 +127,8 @@ OPS_QUERIES = [
     "ops_requeue",
     "ops_prune_count",
     "ops_prune_batch",
+    "ops_relays",
+    "ops_relay_deliveries_since",
 ]
 
 

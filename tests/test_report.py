@@ -124,6 +124,7 @@ def test_report_json_on_a_known_history(db, history, make_config):
         "lag_seconds",
         "oldest_waiting_seconds",
         "failures",
+        "relays",
     ]
     assert report["statuses"] == dict({s: 0 for s in STATUSES}, **status_counts(db))
     assert report["statuses"]["queued"] == 1 and set(report["statuses"]) == set(STATUSES)
@@ -160,6 +161,7 @@ def test_report_on_an_empty_queue_has_zeros_and_nulls(make_config):
         "lag_seconds": {"p50": None, "p95": None, "max": None},
         "oldest_waiting_seconds": None,
         "failures": [],
+        "relays": {},
     }
 
 
