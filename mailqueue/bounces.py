@@ -425,8 +425,10 @@ class Imap:
             )
         except (OSError, imaplib.IMAP4.error) as exc:
             raise SystemExit("error: cannot connect to IMAP %s: %s" % (where, exc)) from None
+        # AUTHENTICATE PLAIN in UTF-8: imaplib's LOGIN cannot send a non-ASCII password
+        plain = "\0%s\0%s" % (urllib.parse.unquote(parsed.username), password)
         try:
-            self.conn.login(urllib.parse.unquote(parsed.username), password)
+            self.conn.authenticate("PLAIN", lambda _: plain.encode("utf-8"))
         except imaplib.IMAP4.error:
             raise SystemExit("error: IMAP %s refused the login" % where) from None
         status, _ = self.conn.select(_quoted(self.folder))
