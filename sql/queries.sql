@@ -520,11 +520,13 @@ SELECT email, reason, source, job_id, detail, created_at, expires_at
 
 -- suppress_by_link --
 -- The unsubscribe server: a signed one-click POST for %(email)s from job
--- %(job_id)s (NULL in the row when the job has been deleted since). As suppress.
+-- %(job_id)s (NULL in the row when the job has been deleted since). As suppress,
+-- but reading no column but email and expires_at (its role may read no more).
 INSERT INTO suppressions AS s (email, reason, source, job_id, detail)
 SELECT %(email)s, 'unsubscribe', 'link', (SELECT job_id FROM jobs WHERE job_id = %(job_id)s),
        %(detail)s
 ON CONFLICT (email) DO UPDATE
-   SET reason = EXCLUDED.reason, source = EXCLUDED.source, job_id = EXCLUDED.job_id,
-       detail = EXCLUDED.detail, created_at = now(), expires_at = NULL
+   SET reason = 'unsubscribe', source = 'link',
+       job_id = (SELECT job_id FROM jobs WHERE job_id = %(job_id)s),
+       detail = %(detail)s, created_at = now(), expires_at = NULL
  WHERE s.expires_at IS NOT NULL AND s.expires_at <= now();
