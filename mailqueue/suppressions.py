@@ -12,6 +12,7 @@ screen costs one look-up of the primary key per claimed batch (suppressed_among)
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import io
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from mailqueue import addresses, db, durations
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Iterable, Mapping, Sequence
 
     from psycopg2.extensions import connection
@@ -150,6 +150,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("import", "add the addresses of a file (one a line, or a CSV with an email column)"),
     ):
         action = actions.add_parser(name, help=about, description=about)
+        # also after the action (suppress add --config c.json ...); SUPPRESS keeps
+        # a value given before it
+        action.add_argument("--config", default=argparse.SUPPRESS, help="as for suppress")
+        action.add_argument(
+            "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        )
         if name in ("add", "remove"):
             action.add_argument("addresses", nargs="+", metavar="ADDRESS")
         if name == "import":
