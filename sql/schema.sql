@@ -355,10 +355,11 @@ DECLARE
 BEGIN
   FOR v IN SELECT * FROM (VALUES
     ('mailqueue_status_counts',
-     'How many jobs are in each of the five statuses, zeros included (mailqueue view v1)',
+     'How many jobs are in each of the seven statuses, zeros included (mailqueue view v2)',
      -- One count per status, each written out so that it reads a partial index
      -- (available and failed: jobs_ready_by_priority_idx; queued: jobs_queued_idx;
-     -- completed and dead: jobs_finished_idx) instead of scanning the history.
+     -- completed and dead: jobs_finished_idx; suppressed and bounced:
+     -- jobs_after_send_idx) instead of scanning the history.
      $v$
 SELECT 'available'::varchar AS status,
        (SELECT count(*) FROM jobs WHERE status = 'available') AS jobs
@@ -370,6 +371,10 @@ UNION ALL
 SELECT 'failed', (SELECT count(*) FROM jobs WHERE status = 'failed')
 UNION ALL
 SELECT 'dead', (SELECT count(*) FROM jobs WHERE status = 'dead')
+UNION ALL
+SELECT 'suppressed', (SELECT count(*) FROM jobs WHERE status = 'suppressed')
+UNION ALL
+SELECT 'bounced', (SELECT count(*) FROM jobs WHERE status = 'bounced')
 $v$),
     ('mailqueue_per_minute',
      'Each minute of the last hour: mails sent, attempts failed (failed or dead) and the lag p50/p95 in seconds (mailqueue view v2)',
