@@ -10,7 +10,7 @@ import pytest
 import trustme
 
 from dovecot import Dovecot, require_dovecot
-from helpers import PASSWORD, query, send_what_is_queued
+from helpers import PASSWORD, query
 from mail_samples import auto_reply, exim_dsn, gmail_dsn, postfix_dsn, ses_complaint
 from mailqueue import bounces, tokens
 from ops_helpers import mailqueue

@@ -220,7 +220,8 @@ def test_report_gives_bounce_and_complaint_rates_and_the_suppressions(db, make_c
         "('smtp:x', 'b1@example.com', 'rejected', '5.1.1', 'smtp', %(b1)s, now()), "
         "('sha256:b', 'ok1@example.com', 'complaint', NULL, 'arf', NULL, now()), "
         "('sha256:c', 'ok2@example.com', 'delayed', '4.2.0', 'dsn', NULL, now()), "
-        "('sha256:d', 'ok3@example.com', 'failed', '5.1.1', 'dsn', NULL, now() - interval '3 hours')",
+        "('sha256:d', 'ok3@example.com', 'failed', '5.1.1', 'dsn', NULL, "
+        " now() - interval '3 hours')",
         {"b0": bounced[0], "b1": bounced[1]},
     )
     query(

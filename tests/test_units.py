@@ -6,7 +6,7 @@ import email.policy
 
 import pytest
 
-from consumer import retry_delay
+from mailqueue.backoff import retry_delay
 from mailqueue import addresses
 from mailqueue import config as configuration
 from mailqueue.config import ConfigError, QueueSettings, SmtpSettings
