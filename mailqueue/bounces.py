@@ -515,7 +515,8 @@ def run(args: argparse.Namespace, config: Config, conn: connection) -> None:
     try:
         while True:
             tally = read_once(box, conn, config, args)
-            print(tally.summary(), flush=True)
+            if args.once or tally.messages:  # watching: silent while nothing comes
+                print(tally.summary(), flush=True)
             if args.once or stop.wait(args.interval):
                 return
     finally:

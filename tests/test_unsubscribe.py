@@ -6,6 +6,7 @@ import email
 import email.policy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -330,3 +331,35 @@ def test_the_page_in_headless_chromium_unsubscribes_only_when_the_button_is_pres
             assert "This link is not valid" in browser.source()
         finally:
             browser.close()
+
+
+@pytest.mark.parametrize(
+    "section, environ, words",
+    [
+        ({"smtp": {"return_path": "bounces@example.org"}}, {}, "set MAILQUEUE_SECRET"),
+        ({"unsubscribe": {"url": URL}}, {"MAILQUEUE_SECRET": "short"}, "at least 16"),
+        ({"smtp": {"return_path": "b+x@example.org"}}, {"MAILQUEUE_SECRET": SECRET}, "'+'"),
+        ({"smtp": {"return_path": "not an address"}}, {"MAILQUEUE_SECRET": SECRET}, "return_path"),
+        ({"unsubscribe": {"url": "ftp://example.org/u"}}, {"MAILQUEUE_SECRET": SECRET}, "https"),
+        ({"unsubscribe": {"url": URL + "?a=1"}}, {"MAILQUEUE_SECRET": SECRET}, "without query"),
+        ({"unsubscribe": {"link": URL}}, {"MAILQUEUE_SECRET": SECRET}, "unknown key"),
+    ],
+)
+def test_the_configuration_refuses_what_cannot_work(section, environ, words):
+    from mailqueue import config as configuration
+
+    raw = dict({"database": {"database": "x"}}, **section)
+    with pytest.raises(configuration.ConfigError, match=re.escape(words)):
+        configuration.from_dict(raw, "c.json", environ)
+
+
+def test_the_secret_never_shows_in_a_repr():
+    from mailqueue import config as configuration
+
+    loaded = configuration.from_dict(
+        {"database": {"database": "x"}, "unsubscribe": {"url": URL}},
+        "c.json",
+        {"MAILQUEUE_SECRET": SECRET},
+    )
+    assert loaded.secret == SECRET.encode() and loaded.smtp.secret == SECRET.encode()
+    assert SECRET not in repr(loaded) and SECRET not in repr(loaded.smtp)
