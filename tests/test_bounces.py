@@ -283,3 +283,43 @@ def test_a_tag_made_with_another_secret_is_forged():
     genuine = postfix_dsn(verp(42), "x@example.com", "<42.1@example.com>")
     found = bounces.reference(genuine, bounces.parse(genuine), RETURN_PATH, SECRET.encode())
     assert (found.job_id, found.how) == (42, "verp")
+
+
+def test_watching_as_the_worker_role_records_what_arrives_and_stops_on_sigterm(
+    db, postgres, database, roles, make_config, mailbag, tmp_path
+):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, wait_until
+
+    j, messages = mailbag
+    settings = dict(
+        postgres.settings_for(database), user=roles["mailqueue_worker"], password=PASSWORD
+    )
+    config = make_config({"return_path": RETURN_PATH}, database=settings)
+    box = mailbox.Maildir(str(tmp_path / "Maildir"), create=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "mailqueue", "bounces", "--config", config]
+        + ["--maildir", str(tmp_path / "Maildir"), "--interval", "0.2", "--delete"],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for raw in messages.values():
+            box.add(raw)
+        wait_until(
+            lambda: query(db, "SELECT count(*) FROM mail_events") == [(7,)],
+            timeout=30,
+            what="the watcher to record the seven reports",
+        )
+        wait_until(lambda: len(box) == 3, timeout=30, what="the recorded messages deleted")
+    finally:
+        watcher.terminate()
+        out, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, err
+    assert "Traceback" not in err
+    check_recorded(db, j)
