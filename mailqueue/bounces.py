@@ -45,7 +45,7 @@ from mailqueue.suppressions import bare_address
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Iterator
+    from collections.abc import Container, Iterator
 
     from psycopg2.extensions import connection
 
@@ -162,6 +162,8 @@ def parse(raw: bytes) -> Report | None:
                     _field(block, "Diagnostic-Code"),
                 )
             )
+        if not recipients:
+            return None
         return Report("dsn", recipients, returned, _field(blocks[0], "Reporting-MTA"))
     if report_type == "feedback-report":
         feedback_part = next(
@@ -201,7 +203,8 @@ def reference(
     """Which job the report is about, and how we know (from the headers only)."""
     if return_path and secret:
         pattern = tokens.verp_pattern(return_path)
-        outer = email.message_from_bytes(raw.split(b"\n\n", 1)[0], policy=_POLICY)
+        head = re.split(rb"\r?\n\r?\n", raw, maxsplit=1)[0]
+        outer = email.message_from_bytes(head, policy=_POLICY)
         texts = [str(v) for name in _VERP_HEADERS for v in outer.get_all(name) or []]
         if report.returned is not None:
             texts += [str(v) for v in report.returned.get_all("Return-Path") or []]
@@ -304,7 +307,7 @@ def record(conn: connection, raw: bytes, config: Config, tally: Tally) -> tuple[
     source = report.kind
     words = []
     new = False
-    for recipient in report.recipients or [Recipient("", "complaint", None, None)]:
+    for recipient in report.recipients:
         suppress, bounce, address = _effects(recipient, report.kind, job)
         kind = "complaint" if report.kind == "arf" else recipient.action
         if kind not in ("failed", "delayed", "delivered", "relayed", "expanded", "complaint"):
@@ -374,8 +377,10 @@ class Maildir:
             raise SystemExit("error: %s is not a Maildir (no cur/ or new/)" % path)
         self.box = mailbox.Maildir(path, factory=None, create=False)
 
-    def messages(self) -> Iterator[tuple[str, bytes]]:
+    def messages(self, skip: Container[str]) -> Iterator[tuple[str, bytes]]:
         for key in sorted(self.box.iterkeys()):
+            if key in skip:
+                continue
             try:
                 yield key, self.box.get_bytes(key)
             except KeyError:  # gone meanwhile
@@ -436,10 +441,12 @@ class Imap:
             raise SystemExit("error: IMAP %s has no folder %s" % (where, self.folder))
         self.expunge = False
 
-    def messages(self) -> Iterator[tuple[str, bytes]]:
+    def messages(self, skip: Container[str]) -> Iterator[tuple[str, bytes]]:
         self.conn.noop()
         status, data = self.conn.uid("SEARCH", "UNDELETED")
         for uid in (data[0] or b"").split() if status == "OK" else []:
+            if uid.decode() in skip:
+                continue
             status, fetched = self.conn.uid("FETCH", uid.decode(), "(BODY.PEEK[])")
             for item in fetched if status == "OK" else []:
                 if isinstance(item, tuple):
@@ -493,9 +500,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_once(box: Maildir | Imap, conn: connection, config: Config, args: Any) -> Tally:
+def read_once(
+    box: Maildir | Imap, conn: connection, config: Config, args: Any, seen: set[str]
+) -> Tally:
+    """Read every message not in `seen` (the ones this process has read already:
+    watching, a message left alone is not read and printed again), and add them."""
     tally = Tally()
-    for ref, raw in list(box.messages()):
+    for ref, raw in list(box.messages(seen)):
+        seen.add(ref)
         done, line = record(conn, raw, config, tally)
         print("%s: %s" % (ref, line), flush=True)
         if done and args.delete:
@@ -509,12 +521,19 @@ def read_once(box: Maildir | Imap, conn: connection, config: Config, args: Any) 
 def run(args: argparse.Namespace, config: Config, conn: connection) -> None:
     box: Maildir | Imap = Maildir(args.maildir) if args.maildir else Imap(args.imap, args.ca_file)
     stop = threading.Event()
+    seen: set[str] = set()
     if not args.once:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
     try:
         while True:
-            tally = read_once(box, conn, config, args)
+            try:
+                tally = read_once(box, conn, config, args, seen)
+            except (OSError, imaplib.IMAP4.error) as exc:
+                # one line; a supervisor (systemd Restart=) starts it again
+                raise SystemExit(
+                    "error: lost the mailbox: %s" % (exc or type(exc).__name__)
+                ) from None
             if args.once or tally.messages:  # watching: silent while nothing comes
                 print(tally.summary(), flush=True)
             if args.once or stop.wait(args.interval):
