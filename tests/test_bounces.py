@@ -323,3 +323,28 @@ def test_watching_as_the_worker_role_records_what_arrives_and_stops_on_sigterm(
     assert watcher.returncode == 0, err
     assert "Traceback" not in err
     check_recorded(db, j)
+
+
+def test_whom_a_report_suppresses():
+    one = dict(email="an@example.com", cc=None, bcc=None)
+    several = dict(email="an@example.com", cc=["Bo <bo@example.org>"], bcc=["cy@example.org"])
+    failed = bounces.Recipient("an@example.com", "failed", "5.1.1", None)
+    # the job's own address: suppressed, and the job bounced
+    assert bounces._effects(failed, "dsn", one) == ("hard_bounce", True, "an@example.com")
+    # an address the mail was forwarded to: the job's own, when it has only one
+    alias = bounces.Recipient("an.old@example.net", "failed", "5.1.1", None)
+    assert bounces._effects(alias, "dsn", one) == ("hard_bounce", True, "an@example.com")
+    # ... but with several recipients nobody can tell which: no one suppressed
+    assert bounces._effects(alias, "dsn", several) == (None, False, "")
+    # a Bcc bounced: that address suppressed, the job not bounced
+    bcc = bounces.Recipient("cy@example.org", "failed", "5.2.2", None)
+    assert bounces._effects(bcc, "dsn", several) == ("hard_bounce", False, "cy@example.org")
+    # temporary failures and delays: nothing
+    for r in (
+        bounces.Recipient("an@example.com", "failed", "4.2.2", None),
+        bounces.Recipient("an@example.com", "delayed", "4.0.0", None),
+        bounces.Recipient("an@example.com", "delivered", "2.0.0", None),
+    ):
+        assert bounces._effects(r, "dsn", one)[:2] == (None, False)
+    complaint = bounces.Recipient("", "complaint", None, "feedback-type: abuse")
+    assert bounces._effects(complaint, "arf", one) == ("complaint", False, "an@example.com")
