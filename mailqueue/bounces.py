@@ -127,7 +127,7 @@ def parse(raw: bytes) -> Report | None:
     message = email.message_from_bytes(raw, policy=_POLICY)
     if message.get_content_type() != "multipart/report":
         return None
-    report_type = (message.get_param("report-type") or "").lower()  # type: ignore[union-attr]
+    report_type = str(message.get_param("report-type") or "").lower()
     payload = message.get_payload()
     if not isinstance(payload, list):
         return None
@@ -284,7 +284,11 @@ def _effects(recipient: Recipient, kind: str, job: dict[str, Any]) -> tuple[str 
 def record(conn: connection, raw: bytes, config: Config, tally: Tally) -> tuple[bool, str]:
     """Read one message and record what it says; (done with it?, its line)."""
     tally.messages += 1
-    report = parse(raw)
+    try:
+        report = parse(raw)
+    except Exception as exc:  # a stranger's bytes: never a traceback
+        tally.not_reports += 1
+        return False, "cannot be read (%s): left alone" % type(exc).__name__
     if report is None:
         tally.not_reports += 1
         return False, "not a delivery status notification or a feedback report: left alone"
