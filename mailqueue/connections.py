@@ -48,7 +48,8 @@ class ConnectionGate:
         self.clock = clock
         self.on_back = on_back  # called when a relay that could not be reached is back
         self.changed = threading.Condition()
-        self.held = 0  # slots taken: connections open or being opened
+        self.held = 0  # slots reserved: connections open, being opened, or about to be
+        self.connecting = 0  # connections being opened
         self.open = 0  # connections open
         self.down_since: float | None = None  # no connection could be made since then
         self.retry_at = 0.0
@@ -61,24 +62,40 @@ class ConnectionGate:
         """No connection is open, and the last try failed."""
         return self.down_since is not None and self.open == 0
 
-    def acquire(self, stop: Stop) -> bool:
-        """Wait for the right to open a connection; False when stopping."""
+    def reserve(self, stop: Stop) -> bool:
+        """Wait, holding no job, for a connection slot; False when stopping."""
         with self.changed:
             while not (stop.requested or self.closed):
-                now = self.clock()
-                self._raise(now)
-                slow_start = self.open == 0 and self.held > 0
-                if self.held < self.limit and not slow_start and now >= self.retry_at:
+                self._raise(self.clock())
+                if self.held < self.limit:
                     self.held += 1
                     return True
-                wait = WAIT_STEP if now >= self.retry_at else min(WAIT_STEP, self.retry_at - now)
-                self.changed.wait(wait)
+                self.changed.wait(WAIT_STEP)
+            return False
+
+    def may_connect(self, timeout: float) -> bool:
+        """Wait, up to `timeout`, for the right to open the connection of a slot
+        reserved: within the limit, not before the next try is due, and while no
+        connection is open, one at a time (a slow start). False: the caller gives
+        its job back and its slot up."""
+        deadline = self.clock() + timeout
+        with self.changed:
+            while not self.closed:
+                now = self.clock()
+                first = self.open == 0 and self.connecting > 0
+                if self.open + self.connecting < self.limit and not first and now >= self.retry_at:
+                    self.connecting += 1
+                    return True
+                if now >= deadline:
+                    return False
+                self.changed.wait(min(WAIT_STEP, deadline - now))
             return False
 
     def opened(self) -> None:
         """The connection of a slot is open."""
         back = None
         with self.changed:
+            self.connecting -= 1
             self.open += 1
             if self.down_since is not None:
                 back = self.clock() - self.down_since
@@ -91,8 +108,8 @@ class ConnectionGate:
                 self.on_back()
 
     def released(self, was_open: bool) -> None:
-        """A slot is given back: its connection closed (`was_open`), or it was
-        never opened."""
+        """A slot is given up: its connection closed (`was_open`), or it was
+        never opened (may_connect said no, or stopping)."""
         with self.changed:
             self.held -= 1
             if was_open:
@@ -102,6 +119,7 @@ class ConnectionGate:
     def refused(self, exc: SmtpUnavailable) -> None:
         """Opening a slot's connection failed with `exc` (the slot is released)."""
         with self.changed:
+            self.connecting -= 1
             self.held -= 1
             now = self.clock()
             if exc.verdict == replies.FEWER_CONNECTIONS and self.open > 0:

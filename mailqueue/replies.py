@@ -35,7 +35,7 @@ REFUSED = "refused"  # for good (5xx)
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 _RATE_WORDS = re.compile(
     r"throttl|\brate\b|rate limit|too many (messages|mails|emails|recipients)|too much mail"
-    r"|slow down|sending limit|exceeded",
+    r"|slow down|sending limit",
     re.IGNORECASE,
 )
 _CONNECTION_WORDS = re.compile(
@@ -95,7 +95,7 @@ def classify(phase: str, code: int | None, text: str) -> Verdict:
         return Verdict(CLOSING if phase == MAIL else FAIL, enhanced)
     if _GREYLIST_WORDS.search(text):
         return Verdict(DEFER, enhanced)
-    if klass == "2" and phase != MAIL:
+    if klass == "2" and phase == RCPT:
         # that mailbox: busy, full, or receiving mail too fast (Gmail's 4.2.1)
         return Verdict(DEFER, enhanced)
     if _RATE_WORDS.search(text):

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("consumer")
 
 GATE_RECHECK = 0.05  # seconds: a thread at the gate looks again this often at the latest
+CONNECT_WAIT = 1.0  # seconds a thread with a job waits for its turn to connect, then hands it on
 
 
 class SendingThread:
@@ -61,7 +62,7 @@ class SendingThread:
         self.stop = stop
         self.clock = clock
         self.sender = smtp.Sender(smtp_settings)
-        self.slot: Optional[str] = None  # None, "opening" or "open": our connection slot
+        self.slot: Optional[str] = None  # None, "reserved" or "open": our connection slot
         self.previous: Optional[Ticket] = None  # our last outcome whose content went out
         self.following: Optional[Job] = None  # a job whose envelope is written
 
@@ -82,7 +83,7 @@ class SendingThread:
                 self.following = None
             self.sender.close()  # QUIT, as a polite client does
             self._slot_check()
-            if self.slot == "opening":
+            if self.slot == "reserved":
                 self.gate.released(was_open=False)
                 self.slot = None
 
@@ -240,17 +241,21 @@ class SendingThread:
     # ------------------------------------------------ the connection slot
 
     def _have_slot(self) -> bool:
+        """A connection, or a slot reserved for one (waiting, with no job in hand)."""
         if self.slot is None:
-            if not self.gate.acquire(self.stop):
+            if not self.gate.reserve(self.stop):
                 return False
-            self.slot = "opening"
+            self.slot = "reserved"
         return True
 
     def _connect(self, job: Job) -> bool:
         """Connected (through the gate); if not, `job` goes back to `ready`."""
         if self.sender.connected:
             return True
-        if not self._have_slot():
+        if self.slot != "reserved" or not self.gate.may_connect(CONNECT_WAIT):
+            if self.slot == "reserved":  # over the relay's limit: let the others send
+                self.slot = None
+                self.gate.released(was_open=False)
             self.give_back(job)
             return False
         try:
@@ -260,9 +265,8 @@ class SendingThread:
             self.gate.refused(exc)
             self.give_back(job)
             return False
-        if self.slot != "open":
-            self.slot = "open"
-            self.gate.opened()
+        self.slot = "open"
+        self.gate.opened()
         return True
 
     def _slot_check(self) -> None:

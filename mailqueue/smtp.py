@@ -112,7 +112,7 @@ class Sender:
         self.settings = smtp_settings
         self.connection: smtplib.SMTP | None = None
         self.mails_on_connection = 0  # mails whose content went on this connection
-        self.fresh = False  # the connection was opened for the mail under way
+        self.fresh = False  # no mail's content has gone on this connection yet
         # envelope replies already read (no PIPELINING)
         self._replies: list[tuple[int, bytes]] | None = None
         # DATA may have been answered 354 and no content ended it: a QUIT now would
@@ -175,6 +175,7 @@ class Sender:
             ) from None
         self.connection = conn
         self.mails_on_connection = 0
+        self.fresh = True  # until a mail's content has gone on it
         self._mid_mail = False
 
     @property
@@ -210,7 +211,6 @@ class Sender:
         """Write the mail's envelope (MAIL FROM, RCPT TO..., DATA) in one go when
         the server offers PIPELINING; without it, exchange it command by command.
         Its replies are read by envelope_replies()."""
-        self.fresh = not self.connected  # a connection opened for this very mail
         self.connect()
         commands = self._envelope(mail)
         try:
