@@ -17,10 +17,11 @@ import dataclasses
 import json
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
-from mailqueue import addresses, signing
+from mailqueue import addresses, signing, tokens
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -64,6 +65,12 @@ class SmtpSettings:
     max_message_bytes: Optional[int] = None  # a limit of our own, beside the server's SIZE
     allow_local_domains: bool = False  # accept corp.local, intranet...: a company relay
     dkim: Optional[signing.DkimKey] = None  # smtp.dkim, its key read at start-up
+    # bounces@example.org: each mail's envelope sender becomes bounces+<job>-<tag>@...
+    return_path: Optional[str] = None
+    # Not keys of smtp: copied here from unsubscribe.url and MAILQUEUE_SECRET, so
+    # that the Composer, made from these settings alone, has them.
+    unsubscribe_url: Optional[str] = None
+    secret: Optional[bytes] = None
 
     def __repr__(self) -> str:  # never show the password, even in a traceback
         return "SmtpSettings(host=%r, port=%r, user=%r, security=%r)" % (
@@ -124,6 +131,11 @@ class QueueSettings:
 
 
 @dataclass(frozen=True)
+class UnsubscribeSettings:
+    url: Optional[str] = None  # public base URL of the unsubscribe server; None: off
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     database: dict[str, Any]  # keyword arguments for psycopg2.connect (the seed's five keys)
@@ -135,6 +147,9 @@ class Config:
     relays: dict[str, RelaySettings] = dataclasses.field(default_factory=dict)
     # name -> route; always has "default"
     routes: dict[str, Route] = dataclasses.field(default_factory=dict)
+    unsubscribe: UnsubscribeSettings = UnsubscribeSettings()
+    # MAILQUEUE_SECRET (never from the file): signs VERP tags and unsubscribe links
+    secret: Optional[bytes] = None
 
     def __repr__(self) -> str:
         return "Config(path=%r)" % self.path
@@ -156,7 +171,9 @@ _SMTP_TYPES: dict[str, tuple[type, ...]] = {
     "max_message_bytes": (int, type(None)),
     "allow_local_domains": (bool,),
     "dkim": (dict, type(None)),
+    "return_path": (str, type(None)),
 }
+_UNSUBSCRIBE_TYPES: dict[str, tuple[type, ...]] = {"url": (str, type(None))}
 _QUEUE_TYPES: dict[str, tuple[type, ...]] = {
     "max_attempts": (int,),
     "retry_delay": (int, float),
@@ -216,7 +233,10 @@ def from_dict(
     if not isinstance(raw, dict):
         raise ConfigError("%s: the top level must be a JSON object" % path)
     _no_unknown_keys(
-        raw, ("database", "listen_database", "smtp", "queue", "relays", "routes"), path, ""
+        raw,
+        ("database", "listen_database", "smtp", "queue", "relays", "routes", "unsubscribe"),
+        path,
+        "",
     )
 
     database = _section(raw, "database", _DATABASE_TYPES, path)
@@ -262,6 +282,15 @@ def from_dict(
         raise ConfigError("%s: queue.retry_delay must be >= 0 and <= queue.max_retry_delay" % path)
     if queue.relay_retry_after <= 0:
         raise ConfigError("%s: queue.relay_retry_after must be a positive number of seconds" % path)
+    unsubscribe = UnsubscribeSettings(**_section(raw, "unsubscribe", _UNSUBSCRIBE_TYPES, path))
+    secret = tokens.secret_from(environ)
+    _check_after_send(smtp, unsubscribe, secret, path)
+    smtp = dataclasses.replace(smtp, unsubscribe_url=unsubscribe.url, secret=secret)
+    # every relay signs its VERP tags and unsubscribe links the same way
+    relays = {
+        name: dataclasses.replace(relay, unsubscribe_url=unsubscribe.url, secret=secret)
+        for name, relay in relays.items()
+    }
     return Config(
         path=path,
         database=database,
@@ -270,6 +299,8 @@ def from_dict(
         queue=queue,
         relays=relays,
         routes=routes,
+        unsubscribe=unsubscribe,
+        secret=secret,
     )
 
 
@@ -400,6 +431,55 @@ def _routes(raw: dict[str, Any], relays: dict[str, RelaySettings], path: str) ->
     if DEFAULT not in routes:
         routes[DEFAULT] = Route(name=DEFAULT, relays=tuple(relays), strategy="failover")
     return routes
+
+
+# A VERP address adds "+<job id>-<tag>" (at most 1 + 10 + 1 + 16 characters) to
+# the local part of smtp.return_path, which must stay within 64 octets.
+_VERP_ROOM = 64 - 28
+
+
+def _check_after_send(
+    smtp: SmtpSettings, unsubscribe: UnsubscribeSettings, secret: bytes | None, path: str
+) -> None:
+    """smtp.return_path and unsubscribe.url, and the secret they need."""
+    if smtp.return_path is not None:
+        try:
+            found = addresses.parse_recipient(
+                smtp.return_path, "smtp.return_path", smtp.allow_local_domains
+            )
+        except addresses.BadAddress as exc:
+            raise ConfigError("%s: %s" % (path, exc)) from None
+        local = found.address.rpartition("@")[0]
+        if found.smtputf8 or "+" in local or len(local) > _VERP_ROOM:
+            raise ConfigError(
+                "%s: smtp.return_path must be a plain ASCII address without '+' and with "
+                "a local part of at most %d characters (each mail adds +<job>-<tag>)"
+                % (path, _VERP_ROOM)
+            )
+    if unsubscribe.url is not None:
+        parsed = urllib.parse.urlsplit(unsubscribe.url)
+        if (
+            parsed.scheme not in ("https", "http")
+            or not parsed.netloc
+            or parsed.query
+            or parsed.fragment
+            or not unsubscribe.url.isascii()
+            or any(c in unsubscribe.url for c in ' <>"\\')
+            or addresses._FORBIDDEN_IN_HEADER.search(unsubscribe.url)
+        ):
+            raise ConfigError(
+                "%s: unsubscribe.url must be an https:// URL without query or fragment, "
+                "e.g. https://example.org/unsubscribe" % path
+            )
+    if (smtp.return_path is not None or unsubscribe.url is not None) and (
+        secret is None or len(secret) < tokens.MIN_SECRET_CHARS
+    ):
+        raise ConfigError(
+            "%s: smtp.return_path and unsubscribe.url sign what they send: set %s in the "
+            "environment to a random string of at least %d characters "
+            "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            % (path, tokens.SECRET_ENV, tokens.MIN_SECRET_CHARS)
+        )
 
 
 def _section(

@@ -2,6 +2,7 @@
 do mails fail? In words (a table a person reads) or as JSON.
 
 The JSON has exactly these keys: statuses (the eight, zeros included), sent (mails
+
 sent in the window), sent_per_minute, lag_seconds (p50, p95 and max of
 end_time - start_time of the jobs finished in the window), oldest_waiting_seconds
 (how long the oldest job that is due and not yet sent has waited, or null) and
@@ -11,6 +12,11 @@ the same SMTP reply for different recipients being one reason), and relays
 known to the database, its attempts in the window (failed counts failed and
 dead), its shared health, and the mails its daily quota counts now; docs/relays.md).
 Every figure comes from one query of sql/queries.sql (ops_*).
+the same SMTP reply for different recipients being one reason), bounce_rate and
+complaint_rate (hard bounces and complaints recorded in the window per mail
+sent in it, as fractions; null when none was sent) and suppressed (addresses on
+the suppression list now, per reason). Every figure comes from one query of
+sql/queries.sql (ops_*), each reading an index.
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ STATUSES = (
     "suppressed",
     "bounced",
 )
+SUPPRESSION_REASONS = ("hard_bounce", "complaint", "unsubscribe", "manual")
+# Where the providers start to look (docs/suppressions.md): Amazon SES reviews an
+# account at a 5% bounce rate or a 0.1% complaint rate; Gmail's bulk-sender rules
+# want complaints under 0.3%.
+SES_BOUNCE_REVIEW = 0.05
+SES_COMPLAINT_REVIEW = 0.001
+GMAIL_COMPLAINT_LIMIT = 0.003
 MAX_REASONS = 10
 
 
@@ -53,6 +66,7 @@ def gather(conn: connection, since: float) -> dict[str, Any]:
         "lag_seconds": {key: _seconds(finished[key]) for key in ("p50", "p95", "max")},
         "oldest_waiting_seconds": _seconds(waiting["oldest_waiting_seconds"]),
         "failures": [{"reason": r["reason"], "jobs": r["jobs"]} for r in reasons],
+        **after_send(conn, since),
         "relays": relays_of(conn, since),
     }
 
@@ -70,6 +84,22 @@ def relays_of(conn: connection, since: float) -> dict[str, dict[str, Any]]:
         }
         for row in db.run_dicts(conn, "ops_relays", since=since)
     }
+
+
+def after_send(conn: connection, since: float) -> dict[str, Any]:
+    """bounce_rate, complaint_rate (over the window) and suppressed (now, per reason)."""
+    [rates] = db.run_dicts(conn, "ops_after_send", since=since)
+    by_reason = dict(db.run(conn, "ops_suppressions_by_reason"))
+    sent = rates["sent"]
+    return {
+        "bounce_rate": round(rates["bounces"] / sent, 6) if sent else None,
+        "complaint_rate": round(rates["complaints"] / sent, 6) if sent else None,
+        "suppressed": {reason: by_reason.get(reason, 0) for reason in SUPPRESSION_REASONS},
+    }
+
+
+def percent(rate: float | None) -> str:
+    return "-" if rate is None else "%.2f%%" % (rate * 100)
 
 
 def _seconds(value: SupportsFloat | None) -> float | None:
@@ -101,6 +131,19 @@ def as_text(report: dict[str, Any], window: str) -> str:
     if report["relays"]:
         lines.append("Relays (sent and failed in the last %s):" % window)
         lines += ["  " + _relay_line(name, r) for name, r in report["relays"].items()]
+    lines += [
+        "After sending, in the last %s:" % window,
+        "  bounce rate     %7s  (Amazon SES reviews at %s)"
+        % (percent(report["bounce_rate"]), percent(SES_BOUNCE_REVIEW)),
+        "  complaint rate  %7s  (SES reviews at %s; Gmail wants under %s)"
+        % (
+            percent(report["complaint_rate"]),
+            percent(SES_COMPLAINT_REVIEW),
+            percent(GMAIL_COMPLAINT_LIMIT),
+        ),
+        "Suppressed addresses: %s"
+        % ", ".join("%s %d" % item for item in report["suppressed"].items()),
+    ]
     return "\n".join(lines)
 
 

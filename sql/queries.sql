@@ -461,7 +461,7 @@ SELECT count(*) AS jobs, max(end_time) AS last FROM gone;
 -- Several relays (mailqueue/relays.py; docs/relays.md): health shared by every
 -- consumer, rate and daily quota per relay. The hour of relay_usage is always
 -- truncated in UTC, so that consumers in any TimeZone count the same rows.
--- =============================================================================
+-- ======================================================================
 
 -- relay_register --
 -- A consumer starts: a row of relays for each relay it knows (%(names)s), up
@@ -648,3 +648,132 @@ SELECT relay, outcome, count(*) AS deliveries
  WHERE finished_at >= now() - %(since)s * interval '1 second' AND relay IS NOT NULL
  GROUP BY relay, outcome
  ORDER BY relay, outcome;
+=======
+-- After the 250: suppressions, bounces and complaints, one-click unsubscribe
+-- (mailqueue/suppressions.py, bounces.py, unsubscribe.py; issue 20)
+-- =============================================================================
+
+-- suppressed_among --
+-- The batch screen: which of %(addresses)s (lower-cased) are suppressed now.
+-- One look-up of the primary key per claimed batch, not one per mail.
+SELECT email, reason, source, created_at
+  FROM suppressions
+ WHERE email = ANY (%(addresses)s::text[])
+   AND (expires_at IS NULL OR expires_at > now());
+
+-- suppress --
+-- Put %(email)s on the list. An address already on it stays as it is, unless its
+-- row has expired: then the new reason replaces it. Returns the row when written.
+INSERT INTO suppressions AS s (email, reason, source, job_id, detail, expires_at)
+VALUES (%(email)s, %(reason)s, %(source)s, %(job_id)s, %(detail)s, %(expires_at)s)
+ON CONFLICT (email) DO UPDATE
+   SET reason = EXCLUDED.reason, source = EXCLUDED.source, job_id = EXCLUDED.job_id,
+       detail = EXCLUDED.detail, created_at = now(), expires_at = EXCLUDED.expires_at
+ WHERE s.expires_at IS NOT NULL AND s.expires_at <= now()
+RETURNING email;
+
+-- suppress_rejected_recipient --
+-- The consumer, when a recipient gets a 5xx with enhanced code 5.1.x at RCPT:
+-- suppress %(email)s as hard_bounce (source smtp) for job %(job_id)s, and log the
+-- event for the bounce rate, in one statement. Running it twice changes nothing.
+WITH event AS (
+  INSERT INTO mail_events (message_key, recipient, kind, status, source, job_id, detail)
+  VALUES ('smtp:' || %(job_id)s::int, lower(btrim(%(email)s)), 'rejected', %(status)s,
+          'smtp', %(job_id)s, %(detail)s)
+  ON CONFLICT (message_key, recipient) DO NOTHING
+  RETURNING event_id
+)
+INSERT INTO suppressions AS s (email, reason, source, job_id, detail)
+VALUES (%(email)s, 'hard_bounce', 'smtp', %(job_id)s, %(detail)s)
+ON CONFLICT (email) DO UPDATE
+   SET reason = EXCLUDED.reason, source = EXCLUDED.source, job_id = EXCLUDED.job_id,
+       detail = EXCLUDED.detail, created_at = now(), expires_at = NULL
+ WHERE s.expires_at IS NOT NULL AND s.expires_at <= now();
+
+-- unsuppress --
+-- python -m mailqueue suppress remove: take %(emails)s (lower-cased) off the list.
+DELETE FROM suppressions WHERE email = ANY (%(emails)s::text[]);
+
+-- suppression_list --
+-- python -m mailqueue suppress list: every row, newest first.
+SELECT email, reason, source, job_id, detail, created_at, expires_at,
+       expires_at IS NOT NULL AND expires_at <= now() AS expired
+  FROM suppressions
+ ORDER BY created_at DESC, email;
+
+-- job_for_report --
+-- A bounce or complaint names job %(job_id)s: its addresses and what it is now.
+SELECT job_id, email, cc, bcc, status, created_at FROM jobs WHERE job_id = %(job_id)s;
+
+-- record_mail_event --
+-- One recipient of a DSN or an ARF report, with its effects, in one statement:
+-- the event (once per report and recipient: reading a mailbox twice changes
+-- nothing), the suppression (%(suppress)s: a reason, or NULL for none) and, when
+-- %(bounce)s, the job completed -> bounced with %(error)s as its last_error.
+WITH event AS (
+  INSERT INTO mail_events (message_key, recipient, kind, status, source, job_id, detail)
+  VALUES (%(key)s, %(recipient)s, %(kind)s, %(status)s, %(source)s, %(job_id)s, %(detail)s)
+  ON CONFLICT (message_key, recipient) DO NOTHING
+  RETURNING recipient, job_id
+), suppressed AS (
+  INSERT INTO suppressions AS s (email, reason, source, job_id, detail)
+  SELECT recipient, %(suppress)s, %(source)s, job_id, %(detail)s
+    FROM event
+   WHERE %(suppress)s::text IS NOT NULL AND recipient <> ''
+  ON CONFLICT (email) DO UPDATE
+     SET reason = EXCLUDED.reason, source = EXCLUDED.source, job_id = EXCLUDED.job_id,
+         detail = EXCLUDED.detail, created_at = now(), expires_at = NULL
+   WHERE s.expires_at IS NOT NULL AND s.expires_at <= now()
+  RETURNING email
+), bounced AS (
+  UPDATE jobs SET status = 'bounced', last_error = %(error)s
+    FROM event
+   WHERE %(bounce)s AND jobs.job_id = event.job_id AND jobs.status = 'completed'
+  RETURNING jobs.job_id
+)
+SELECT (SELECT count(*) FROM event) AS recorded,
+       (SELECT count(*) FROM suppressed) AS suppressed,
+       (SELECT count(*) FROM bounced) AS bounced;
+
+-- ops_after_send --
+-- Rates over the last %(since)s seconds: mails that left us (completed or
+-- bounced, by end_time), hard bounces (DSN failed with 5.x.x, 5.1.x at RCPT) and
+-- complaints (mail_events_received_idx, jobs_finished_idx, jobs_other_finished_idx).
+SELECT (SELECT count(*) FROM jobs
+         WHERE status = 'completed' AND end_time >= LOCALTIMESTAMP - %(since)s * interval '1 second')
+       + (SELECT count(*) FROM jobs
+           WHERE status = 'bounced' AND end_time >= LOCALTIMESTAMP - %(since)s * interval '1 second')
+         AS sent,
+       (SELECT count(*) FROM mail_events
+         WHERE received_at >= now() - %(since)s * interval '1 second'
+           AND (kind = 'rejected' OR (kind = 'failed' AND status LIKE '5.%%'))) AS bounces,
+       (SELECT count(*) FROM mail_events
+         WHERE received_at >= now() - %(since)s * interval '1 second'
+           AND kind = 'complaint') AS complaints;
+
+-- ops_suppressions_by_reason --
+-- Addresses suppressed now, per reason (expired rows left out).
+SELECT reason, count(*) AS addresses
+  FROM suppressions
+ WHERE expires_at IS NULL OR expires_at > now()
+ GROUP BY reason;
+
+-- ops_latest_suppressions --
+-- The dashboard's table: the latest %(limit)s suppressions, newest first.
+SELECT email, reason, source, job_id, detail, created_at, expires_at
+  FROM suppressions
+ ORDER BY created_at DESC
+ LIMIT %(limit)s;
+
+-- suppress_by_link --
+-- The unsubscribe server: a signed one-click POST for %(email)s from job
+-- %(job_id)s (NULL in the row when the job has been deleted since). As suppress,
+-- but reading no column but email and expires_at (its role may read no more).
+INSERT INTO suppressions AS s (email, reason, source, job_id, detail)
+SELECT %(email)s, 'unsubscribe', 'link', (SELECT job_id FROM jobs WHERE job_id = %(job_id)s),
+       %(detail)s
+ON CONFLICT (email) DO UPDATE
+   SET reason = 'unsubscribe', source = 'link',
+       job_id = (SELECT job_id FROM jobs WHERE job_id = %(job_id)s),
+       detail = %(detail)s, created_at = now(), expires_at = NULL
+ WHERE s.expires_at IS NOT NULL AND s.expires_at <= now();

@@ -571,3 +571,145 @@ BEGIN
   END LOOP;
 END
 $$;
+
+
+-- =============================================================================
+-- After the 250: the suppression list, bounces and complaints read back,
+-- one-click unsubscribe (issue 20; docs/suppressions.md)
+-- =============================================================================
+
+-- suppressions: one row per address that must not be mailed. pgAdmin users add
+-- and remove rows by hand (email is the primary key, so rows can be edited);
+-- the address is stored trimmed and lower-cased by the trigger below, whoever
+-- writes it. A row whose expires_at has passed no longer suppresses anything.
+CREATE TABLE IF NOT EXISTS suppressions (
+  email VARCHAR PRIMARY KEY,            -- the address, lower-cased
+  reason VARCHAR NOT NULL DEFAULT 'manual',  -- hard_bounce, complaint, unsubscribe or manual
+  source VARCHAR NOT NULL DEFAULT 'manual',  -- smtp, dsn, arf, link, cli, manual (pgAdmin) ...
+  job_id INTEGER,                       -- the job that caused it; NULL for manual rows
+  detail TEXT,                          -- the server's (or the person's) words
+  created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  expires_at TIMESTAMPTZ                -- NULL: never
+);
+
+-- mail_events: what came back after the 250, one row per report and recipient:
+-- DSNs read from the bounce mailbox (kind failed, delayed, delivered, relayed,
+-- expanded), ARF complaints (complaint), and 5.1.x refusals at RCPT (rejected).
+-- The unique (message_key, recipient) makes reading a mailbox twice change
+-- nothing: the event and its effects are written in one statement.
+CREATE TABLE IF NOT EXISTS mail_events (
+  event_id BIGSERIAL PRIMARY KEY,
+  message_key VARCHAR NOT NULL,         -- sha256 of the report's bytes; smtp:JOB for RCPT
+  recipient VARCHAR NOT NULL DEFAULT '',  -- the address the report is about, lower-cased
+  kind VARCHAR NOT NULL,                -- failed, delayed, delivered, relayed, expanded, complaint, rejected
+  status VARCHAR,                       -- the enhanced status code, e.g. 5.1.1
+  source VARCHAR NOT NULL,              -- dsn, arf or smtp
+  job_id INTEGER,                       -- the job it is about, when found
+  detail TEXT,                          -- Diagnostic-Code, Feedback-Type ...
+  received_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- The jobs' own switches (NULL-free, default off: the seed's INSERT is unchanged).
+DO $$
+DECLARE
+  col RECORD;
+BEGIN
+  FOR col IN SELECT * FROM (VALUES
+    -- add List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) with a signed link
+    ('jobs', 'unsubscribe', 'BOOLEAN NOT NULL DEFAULT false'),
+    -- send even if the address is suppressed (a password reset to a complainer)
+    ('jobs', 'ignore_suppression', 'BOOLEAN NOT NULL DEFAULT false')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = col.tbl::regclass AND attname = col.name
+                     AND NOT attisdropped) THEN
+      EXECUTE format('ALTER TABLE %I ADD COLUMN %I %s', col.tbl, col.name, col.definition);
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- Named constraints, added NOT VALID then validated, as above.
+DO $$
+DECLARE
+  con RECORD;
+BEGIN
+  FOR con IN SELECT * FROM (VALUES
+    ('suppressions', 'suppressions_reason_known',
+     'CHECK (reason IN (''hard_bounce'', ''complaint'', ''unsubscribe'', ''manual''))'),
+    -- deleting a job keeps the suppression it caused, without its job
+    ('suppressions', 'suppressions_job_id_fkey',
+     'FOREIGN KEY (job_id) REFERENCES jobs (job_id) ON DELETE SET NULL'),
+    ('mail_events', 'mail_events_kind_known',
+     'CHECK (kind IN (''failed'', ''delayed'', ''delivered'', ''relayed'', ''expanded'', ''complaint'', ''rejected''))'),
+    ('mail_events', 'mail_events_job_id_fkey',
+     'FOREIGN KEY (job_id) REFERENCES jobs (job_id) ON DELETE SET NULL')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = con.tbl::regclass AND conname = con.name) THEN
+      EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I %s NOT VALID',
+                     con.tbl, con.name, con.definition);
+      BEGIN
+        EXECUTE format('ALTER TABLE %I VALIDATE CONSTRAINT %I', con.tbl, con.name);
+      EXCEPTION WHEN check_violation OR foreign_key_violation THEN
+        RAISE WARNING 'existing rows of % break constraint %; new rows are checked, fix the old ones and run this script again',
+          con.tbl, con.name;
+      END;
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- Addresses are compared lower-cased: a row typed in pgAdmin as
+-- ' Someone@Example.COM' is stored as 'someone@example.com'.
+CREATE OR REPLACE FUNCTION mailqueue_suppressions_lower() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+BEGIN
+  NEW.email := lower(btrim(NEW.email));
+  RETURN NEW;
+END
+$$;
+
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                 WHERE tgrelid = 'suppressions'::regclass
+                   AND tgname = 'suppressions_lower_email') THEN
+    CREATE TRIGGER suppressions_lower_email
+      BEFORE INSERT OR UPDATE OF email ON suppressions
+      FOR EACH ROW EXECUTE PROCEDURE mailqueue_suppressions_lower();
+  END IF;
+END
+$$;
+
+-- Indexes, created only if the catalog lacks them (as above).
+DO $$
+DECLARE
+  idx RECORD;
+BEGIN
+  FOR idx IN SELECT * FROM (VALUES
+    -- Reading a mailbox twice records each report once (the ON CONFLICT target).
+    ('mail_events_message_key', 'UNIQUE INDEX %I ON mail_events (message_key, recipient)'),
+    -- Rates over a window: events by when they came, per kind.
+    ('mail_events_received_idx', 'INDEX %I ON mail_events (received_at, kind)'),
+    -- The dashboard's latest suppressions, and the counts by reason.
+    ('suppressions_created_idx', 'INDEX %I ON suppressions (created_at)'),
+    -- The jobs a DSN or a complaint may name (deleting a job sets them NULL).
+    ('mail_events_job_id_idx', 'INDEX %I ON mail_events (job_id) WHERE job_id IS NOT NULL'),
+    -- Partial: only the rows that name a job (manual ones do not), for the
+    -- foreign key's SET NULL when a job is deleted.
+    ('suppressions_job_id_idx', 'INDEX %I ON suppressions (job_id) WHERE job_id IS NOT NULL')
+    -- (jobs_other_finished_idx, above, serves the counts of suppressed and
+    -- bounced jobs and the bounced ones of the rates.)
+  ) AS wanted(name, definition)
+  LOOP
+    IF to_regclass(idx.name) IS NULL THEN
+      EXECUTE format('CREATE ' || idx.definition, idx.name);
+    END IF;
+  END LOOP;
+END
+$$;
