@@ -2,21 +2,18 @@
 do mails fail? In words (a table a person reads) or as JSON.
 
 The JSON has exactly these keys: statuses (the eight, zeros included), sent (mails
-
 sent in the window), sent_per_minute, lag_seconds (p50, p95 and max of
 end_time - start_time of the jobs finished in the window), oldest_waiting_seconds
-(how long the oldest job that is due and not yet sent has waited, or null) and
+(how long the oldest job that is due and not yet sent has waited, or null),
 failures (up to 10 {reason, jobs}: the failed and dead attempts of the window,
-the same SMTP reply for different recipients being one reason), and relays
-({name: {sent, failed, down, down_until, last_error, quota_used}}: every relay
-known to the database, its attempts in the window (failed counts failed and
-dead), its shared health, and the mails its daily quota counts now; docs/relays.md).
-Every figure comes from one query of sql/queries.sql (ops_*).
 the same SMTP reply for different recipients being one reason), bounce_rate and
 complaint_rate (hard bounces and complaints recorded in the window per mail
-sent in it, as fractions; null when none was sent) and suppressed (addresses on
-the suppression list now, per reason). Every figure comes from one query of
-sql/queries.sql (ops_*), each reading an index.
+sent in it, as fractions; null when none was sent), suppressed (addresses on
+the suppression list now, per reason), and relays ({name: {sent, failed, down,
+down_until, last_error, quota_used}}: every relay known to the database, its
+attempts in the window (failed counts failed and dead), its shared health, and
+the mails its daily quota counts now; docs/relays.md). Every figure comes from
+one query of sql/queries.sql (ops_*), each reading an index.
 """
 
 from __future__ import annotations
