@@ -648,7 +648,8 @@ SELECT relay, outcome, count(*) AS deliveries
  WHERE finished_at >= now() - %(since)s * interval '1 second' AND relay IS NOT NULL
  GROUP BY relay, outcome
  ORDER BY relay, outcome;
-=======
+
+-- =============================================================================
 -- After the 250: suppressions, bounces and complaints, one-click unsubscribe
 -- (mailqueue/suppressions.py, bounces.py, unsubscribe.py; issue 20)
 -- =============================================================================
