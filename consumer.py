@@ -81,7 +81,7 @@ def main(argv=None):
             stop,
             sizes,
             args.drain,
-            lambda threads, registered: Consumer(config, stop, threads, registered),
+            lambda threads, registered: Consumer(config, stop, threads, registered, processes),
         )
     log.info("stopped")
 

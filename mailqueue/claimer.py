@@ -18,7 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from mailqueue import db, doorbell, outcomes, pacing
+from mailqueue import db, doorbell, outcomes, pacing, suppressions
 from mailqueue.jobs import Job
 
 if TYPE_CHECKING:
@@ -26,10 +26,9 @@ if TYPE_CHECKING:
 
     from mailqueue.claims import Claims
     from mailqueue.config import Config
-    from mailqueue.connections import ConnectionGate
     from mailqueue.doorbell import Stop
-    from mailqueue.jobs import ReadyJobs
     from mailqueue.recorder import Recorder
+    from mailqueue.routing import Router
 
 log = logging.getLogger("consumer")
 
@@ -46,9 +45,8 @@ class Claimer:
         config: Config,
         name: str,
         claims: Claims,
-        ready: ReadyJobs,
+        router: Router,
         recorder: Recorder,
-        gate: ConnectionGate,
         threads: int,
         stop: Stop,
         on_registered: Optional[Callable[[int], None]] = None,
@@ -57,9 +55,8 @@ class Claimer:
         self.config = config
         self.name = name
         self.claims = claims
-        self.ready = ready
+        self.router = router
         self.recorder = recorder
-        self.gate = gate
         self.threads = threads
         self.stop = stop
         self.on_registered = on_registered  # the supervisor learns our consumer_id
@@ -106,20 +103,22 @@ class Claimer:
         while not self.stop.requested:
             self.sweep()
             self.register()
-            if self.gate.down:
-                return  # nothing is claimed while no mail can go; the gate rings when it can
+            self.router.watch()
+            held_wait = self.router.release_held_back()
+            if all(lane.gate.down for lane in self.router.lanes.values()):
+                return  # nothing is claimed while no mail can go; a gate rings when it can
             room = self.room()
             if room == 0:
-                if self.over_budget():  # until an outcome frees some bytes
-                    self.claims.wait(ROOM_RECHECK)
-                else:
-                    self.ready.wait_for_room(self.threads, ROOM_RECHECK)
+                self.claims.wait(ROOM_RECHECK)  # an outcome recorded, or a heartbeat
                 continue
             jobs, wait = self.claim_batch(room)
-            self.ready.put(jobs)
-            if wait:  # queue.rate_limit: no token left for now
-                self.stop.sleep(wait)
+            wait = max(wait, self.router.place(jobs))
+            if wait:  # queue.rate_limit or a relay's: no token left for now
+                self.stop.sleep(min(wait, POLL_INTERVAL))
             elif len(jobs) < room and not self.over_budget():
+                if held_wait:
+                    self.stop.sleep(min(held_wait, POLL_INTERVAL))
+                    continue
                 return  # nothing more for us now: wait for the doorbell
 
     def room(self) -> int:
@@ -128,7 +127,7 @@ class Claimer:
         nearly always finds its next one there and writes its envelope after the
         dot (one round trip per mail). None while the attachment bytes held are
         at the cap."""
-        waiting = len(self.ready)
+        waiting = self.router.waiting()
         if waiting >= self.threads or self.over_budget():
             return 0
         return min(2 * self.threads - waiting, max(self.config.queue.batch_size, self.threads))
@@ -185,7 +184,34 @@ class Claimer:
         jobs = [Job.from_claim(row) for row in rows]
         jobs.sort(key=lambda job: (-job.columns["priority"], job.queue_id))
         self.claims.add(jobs)  # ours now: from here on, each gets an outcome
+        try:
+            jobs = self.screened(jobs)
+        except BaseException:
+            for job in jobs:
+                self.recorder.submit(outcomes.handed_back(job))
+            raise
         return self.with_attachments(jobs), wait
+
+    def screened(self, jobs: list[Job]) -> list[Job]:
+        """The suppression list, one look-up for the batch: a job whose address is
+        on it ends `suppressed`, unsent; a suppressed cc or bcc is left out of
+        that mail alone (docs/suppressions.md)."""
+        if not jobs:
+            return jobs
+        verdict = suppressions.screen(self.conn, [job.columns for job in jobs])
+        if not (verdict.suppressed or verdict.dropped):
+            return jobs
+        kept = []
+        for job in jobs:
+            why = verdict.suppressed.get(job.job_id)
+            if why is not None:
+                self.recorder.submit(outcomes.suppressed(job, why))
+                continue
+            if job.job_id in verdict.dropped:
+                job.columns = verdict.job_to_send(job.columns)
+                job.note = verdict.notes.get(job.job_id)
+            kept.append(job)
+        return kept
 
     def with_attachments(self, jobs: list[Job]) -> list[Job]:
         """Read the files of the jobs that have some, a few jobs per statement (one

@@ -70,9 +70,28 @@ def wait_for_database(config: configuration.Config, stop: doorbell.Stop, what: s
 def wait_for_smtp(config: configuration.Config, stop: doorbell.Stop) -> None:
     """Connect to the SMTP server once: as wait_for_database, a server not up yet
     is waited for; a refused login, a certificate that does not verify or a
-    missing STARTTLS end the script with one line."""
+    missing STARTTLS end the script with one line. With several relays, each is
+    tried once: one that cannot be used for good ends the script the same way,
+    one that is merely down is left to failover (docs/relays.md)."""
+    relays: list[configuration.SmtpSettings] = list(config.relays.values()) or [config.smtp]
+    if len(relays) > 1:
+        for relay in relays:
+            sender = smtp.Sender(relay)
+            try:
+                sender.connect()
+            except smtp.SmtpUnavailable as exc:
+                if not exc.retryable:
+                    raise SystemExit(
+                        "error: relay %s: %s" % (getattr(relay, "name", "default"), exc)
+                    ) from None
+                log.warning(
+                    "relay %s cannot be reached now: %s", getattr(relay, "name", "default"), exc
+                )
+            finally:
+                sender.close()
+        return
     delay = doorbell.RECONNECT_DELAY_MIN
-    sender = smtp.Sender(config.smtp)
+    sender = smtp.Sender(relays[0])
     while not stop.requested:
         try:
             sender.connect()

@@ -41,12 +41,14 @@ class ConnectionGate:
         most: int,
         clock: Callable[[], float] = time.monotonic,
         on_back: Callable[[], None] | None = None,
+        on_trouble: Callable[[], None] | None = None,
     ) -> None:
         self.relay = relay
         self.most = most
         self.limit = most
         self.clock = clock
         self.on_back = on_back  # called when a relay that could not be reached is back
+        self.on_trouble = on_trouble  # called when a try failed (the claimer looks)
         self.changed = threading.Condition()
         self.held = 0  # slots reserved: connections open, being opened, or about to be
         self.connecting = 0  # connections being opened
@@ -56,6 +58,8 @@ class ConnectionGate:
         self.backoff = Backoff(0.5, 30.0)
         self.last_refusal = clock()
         self.closed = False
+        self.failures = 0  # tries that found the relay unusable (mailqueue/routing.py reads it)
+        self.last_error: str | None = None
 
     @property
     def down(self) -> bool:
@@ -107,13 +111,15 @@ class ConnectionGate:
             if self.on_back is not None:
                 self.on_back()
 
-    def released(self, was_open: bool) -> None:
+    def released(self, was_open: bool, was_connecting: bool = False) -> None:
         """A slot is given up: its connection closed (`was_open`), or it was
-        never opened (may_connect said no, or stopping)."""
+        never opened (stopping; `was_connecting`: after may_connect said yes)."""
         with self.changed:
             self.held -= 1
             if was_open:
                 self.open -= 1
+            if was_connecting:
+                self.connecting -= 1
             self.changed.notify_all()
 
     def refused(self, exc: SmtpUnavailable) -> None:
@@ -137,11 +143,34 @@ class ConnectionGate:
                 if exc.verdict == replies.FEWER_CONNECTIONS:
                     self.last_refusal = now
                     self.limit = 1
-                if self.down_since is None:
-                    self.down_since = now
-                wait = self.backoff.next()
-                self.retry_at = now + wait
-                log.warning("%s; trying again in %.1f s", exc, wait)
+                self._down(exc, now)
+            self.changed.notify_all()
+        if self.on_trouble is not None:
+            self.on_trouble()
+
+    def failed(self, exc: SmtpUnavailable) -> None:
+        """An open connection found the relay unable to take mail (a 421 at MAIL
+        FROM): as a refused connection, for the relay's health (its slot is
+        released as the connection closes)."""
+        with self.changed:
+            self._down(exc, self.clock())
+            self.changed.notify_all()
+        if self.on_trouble is not None:
+            self.on_trouble()
+
+    def _down(self, exc: SmtpUnavailable, now: float) -> None:
+        if self.down_since is None:
+            self.down_since = now
+        self.failures += 1
+        self.last_error = str(exc)
+        wait = self.backoff.next()
+        self.retry_at = now + wait
+        log.warning("%s; trying again in %.1f s", exc, wait)
+
+    def retry_now(self) -> None:
+        """The next try may be made at once (this process won the right to probe)."""
+        with self.changed:
+            self.retry_at = 0.0
             self.changed.notify_all()
 
     def _raise(self, now: float) -> None:

@@ -21,6 +21,7 @@ from mailqueue.connections import ConnectionGate
 from mailqueue.jobs import ReadyJobs
 from mailqueue.progress import Progress
 from mailqueue.recorder import Recorder
+from mailqueue.routing import Lane, Router
 from mailqueue.sending import SendingThread
 
 if TYPE_CHECKING:
@@ -37,53 +38,73 @@ class Consumer:
         stop: Stop,
         threads: int,
         on_registered: Optional[Callable[[int], None]] = None,
+        processes: int = 1,
     ) -> None:
         self.config = config
         self.stop = stop
-        self.threads = threads
         name = "%s:%d" % (socket.gethostname(), os.getpid())
         self.claims = Claims(config.queue.claim_lease)
-        self.ready = ReadyJobs()
         self.progress = Progress()
-        self.governor = pacing.Governor()
-        self.gate = ConnectionGate(
-            "%s:%s" % (config.smtp.host, config.smtp.port), threads, on_back=doorbell.ring
-        )
         self.recorder = Recorder(
             config.database, self.claims, "mailqueue consumer (record) %s" % name, stop
         )
+        self.lanes: dict[str, Lane] = {}
+        self.senders: list[SendingThread] = []
+        composers: dict[str, message.Composer] = {}
+        for relay in config.relays.values():
+            # relay.concurrency is per consumer, spread over its processes
+            own = threads if relay.concurrency is None else -(-relay.concurrency // processes)
+            lane = Lane(
+                relay,
+                ConnectionGate(
+                    "%s (%s:%s)" % (relay.name, relay.host, relay.port),
+                    own,
+                    on_back=doorbell.ring,
+                    on_trouble=doorbell.ring,
+                ),
+                pacing.Governor(),
+                ReadyJobs(),
+                own,
+            )
+            self.lanes[relay.name] = lane
+            composer = composers[relay.name] = message.Composer(relay)
+            self.senders += [
+                SendingThread(
+                    relay,
+                    config.queue,
+                    composer,
+                    lane.ready,
+                    self.claims,
+                    self.recorder,
+                    lane.governor,
+                    lane.gate,
+                    self.progress,
+                    stop,
+                )
+                for _ in range(own)
+            ]
+        # the first relay's, shared by its threads (a test patches its build)
+        self.composer = next(iter(composers.values()))
+        self.threads = len(self.senders)
         self.claimer = Claimer(
             config,
             name,
             self.claims,
-            self.ready,
+            None,  # type: ignore[arg-type]  # the router, below: it reads the claimer's connection
             self.recorder,
-            self.gate,
-            threads,
+            self.threads,
             stop,
             on_registered,
             on_wakeup=self.on_wakeup,
         )
-        self.composer = composer = message.Composer(config.smtp)
-        self.senders = [
-            SendingThread(
-                config.smtp,
-                config.queue,
-                composer,
-                self.ready,
-                self.claims,
-                self.recorder,
-                self.governor,
-                self.gate,
-                self.progress,
-                stop,
-            )
-            for _ in range(threads)
-        ]
+        self.router = Router(config, self.lanes, lambda: self.claimer.conn, self.recorder)
+        self.claimer.router = self.router
 
     def on_wakeup(self) -> None:
-        self.governor.step()
-        self.progress.report(self.governor)
+        for lane in self.lanes.values():
+            lane.governor.step()
+        first = next(iter(self.lanes.values()))
+        self.progress.report(first.governor)
 
     def run(self, drain_only: bool = False) -> None:
         """Serve until stopped; with drain_only, until the queue table is empty."""
@@ -103,9 +124,12 @@ class Consumer:
 
     def shut_down(self, threads: list[threading.Thread]) -> None:
         """Each mail in hand finishes (its reply waited for); the rest go back."""
-        for job in self.ready.close():
+        for job in self.router.give_back_held():
             self.recorder.submit(outcomes.handed_back(job))
-        self.gate.close()
+        for lane in self.lanes.values():
+            for job in lane.ready.close():
+                self.recorder.submit(outcomes.handed_back(job))
+            lane.gate.close()
         with self.claims.changed:
             self.claims.changed.notify_all()
         for thread in threads:

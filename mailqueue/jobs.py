@@ -28,7 +28,8 @@ class Job:
     deferred_since: Optional[float] = None  # monotonic; None: not deferred
     started: Optional[float] = None  # monotonic: when this attempt began
     mail: Optional[Mail] = None  # built once, kept while the job waits for a connection
-    relay: str = "default"  # the relay it goes to
+    relay: str = "default"  # the relay it goes to (mailqueue/routing.py)
+    note: Optional[str] = None  # what the suppression list left out of it, for deliveries
 
     @classmethod
     def from_claim(cls, row: dict[str, Any], clock: Callable[[], float] = time.monotonic) -> Job:
@@ -117,6 +118,12 @@ class ReadyJobs:
         with self.lock:
             if len(self.jobs) >= below and not self.closed:
                 self.has_room.wait(timeout)
+
+    def take_all(self) -> list[Job]:
+        """Every job waiting (to send them elsewhere)."""
+        with self.lock:
+            left, self.jobs = list(self.jobs), collections.deque()
+            return left
 
     def close(self) -> list[Job]:
         """Stop handing out jobs; the ones left, for the caller to give back."""

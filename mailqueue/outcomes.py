@@ -60,7 +60,8 @@ class Outcome:
     pending: Optional[list[str]] = None  # pending_recipients after this (None: all, or none)
     delivery: Optional[str] = None  # the deliveries row's outcome; None: no row
     relay: Optional[str] = None
-    bad_mailboxes: list[str] = field(default_factory=list)  # refused 5.1.x: may be suppressed
+    # (address, enhanced code, reply) refused 5.1.x at RCPT: suppressed (docs/suppressions.md)
+    bad_mailboxes: list[tuple[str, str, str]] = field(default_factory=list)
     throttled: bool = False  # the relay asked us to slow down
 
     @property
@@ -75,6 +76,11 @@ def _base(job: Job, kind: str, **fields: Any) -> Outcome:
 def dead(job: Job, error: str, attempted: int = 0, code: Optional[int] = None) -> Outcome:
     """Given up: bad input, expired, too large (attempted 0), or for good."""
     return _base(job, "dead", attempted=attempted, error=error, smtp_code=code, delivery="dead")
+
+
+def suppressed(job: Job, error: str) -> Outcome:
+    """Never sent: its address is on the suppression list (no attempt, no SMTP)."""
+    return _base(job, "suppressed", error=error)
 
 
 def dropped(job: Job) -> Outcome:
@@ -177,7 +183,7 @@ def after_transaction(
     content did not go, or went with no reply: then `unknown_reason` says why)."""
     waiting: dict[str, tuple[str, str, Optional[int]]] = {}  # address -> (how, text, code)
     refused: list[tuple[str, str, Optional[int]]] = []
-    bad_mailboxes: list[str] = []
+    bad_mailboxes: list[tuple[str, str, str]] = []
     throttled = False
 
     def wait(address: str, phase: str, reply: Reply) -> None:
@@ -187,7 +193,7 @@ def after_transaction(
         if verdict.action == replies.REFUSED:
             refused.append((address, text, reply[0]))
             if phase == replies.RCPT and verdict.bad_mailbox:
-                bad_mailboxes.append(address)
+                bad_mailboxes.append((address, verdict.enhanced or "", text))
             return
         if verdict.action == replies.THROTTLE:
             throttled = True
@@ -226,7 +232,7 @@ def after_transaction(
     note = "; ".join("%s: %s" % (a, t) for a, t, _ in refused)
     if not pending:
         if got_it:
-            error = "sent, but refused for good for %s" % note if refused else None
+            error = "sent, but refused for good for %s" % note if refused else job.note
             out = _base(job, "sent", attempted=1, error=error, smtp_code=250, delivery="sent")
         else:
             out = _base(

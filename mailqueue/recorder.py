@@ -165,6 +165,16 @@ class Recorder:
         db.run(
             conn, "record_outcomes", consumer=self.claims.consumer_id or -1, **_columns(outcomes)
         )
+        for outcome in outcomes:  # rare: a 5.1.x at RCPT (docs/suppressions.md)
+            for address, status, reply in outcome.bad_mailboxes:
+                db.run(
+                    conn,
+                    "suppress_rejected_recipient",
+                    email=address,
+                    job_id=outcome.job_id,
+                    status=status,
+                    detail=reply,
+                )
         if any(o.kind == "released" for o in outcomes):
             db.run(conn, "ring_consumers")  # rows are back: tell the others
 

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
-from mailqueue import message, outcomes, smtp
+from mailqueue import message, outcomes, replies, smtp
 
 if TYPE_CHECKING:
     from mailqueue.claims import Claims
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("consumer")
 
 GATE_RECHECK = 0.05  # seconds: a thread at the gate looks again this often at the latest
-CONNECT_WAIT = 1.0  # seconds a thread with a job waits for its turn to connect, then hands it on
+CONNECT_WAIT = 1.0  # seconds between two looks at the gate of a thread waiting to connect
 
 
 class SendingThread:
@@ -62,7 +62,8 @@ class SendingThread:
         self.stop = stop
         self.clock = clock
         self.sender = smtp.Sender(smtp_settings)
-        self.slot: Optional[str] = None  # None, "reserved" or "open": our connection slot
+        # our connection slot: None, "reserved", "connecting" (the gate's leave) or "open"
+        self.slot: Optional[str] = None
         self.previous: Optional[Ticket] = None  # our last outcome whose content went out
         self.following: Optional[Job] = None  # a job whose envelope is written
 
@@ -83,9 +84,7 @@ class SendingThread:
                 self.following = None
             self.sender.close()  # QUIT, as a polite client does
             self._slot_check()
-            if self.slot == "reserved":
-                self.gate.released(was_open=False)
-                self.slot = None
+            self._give_up_slot()
 
     def deliver(self, job: Job) -> None:
         """Exactly one outcome for `job` (or back to `ready`), whatever happens."""
@@ -122,6 +121,19 @@ class SendingThread:
                 self._slot_check()
                 if not self._begin(job):
                     return None
+        if envelope.mail[0] == 421 and not self._throttling(envelope.mail):
+            # The relay cannot take mail now (before anything of it went): its
+            # trouble, not the job's. Another relay of the route takes the job
+            # (mailqueue/routing.py), or this one again once it can.
+            self.gate.failed(
+                smtp.SmtpUnavailable(
+                    "SMTP relay %s refused the mail session: %d %s"
+                    % (self.gate.relay, envelope.mail[0], envelope.mail[1])
+                )
+            )
+            self._slot_check()
+            self.give_back(job)
+            return None
         if not envelope.ready:
             return self._decided(
                 job,
@@ -152,6 +164,10 @@ class SendingThread:
         self.previous = self.submit(self._decided(job, mail, outcome))
         return None
 
+    @staticmethod
+    def _throttling(reply: smtp.Reply) -> bool:
+        return replies.classify(replies.MAIL, *reply).action == replies.THROTTLE
+
     def _decided(self, job: Job, mail: message.Mail, outcome: Outcome) -> Outcome:
         if outcome.throttled:
             self.governor.throttled("%s" % (outcome.error or "throttled")[:80])
@@ -164,10 +180,11 @@ class SendingThread:
         (if `begin`) its envelope written; None when there is none (stopping, or
         with wait=False, none ready)."""
         while True:
-            if begin and not self._have_slot():
+            if begin and not self._ready_to_connect():
                 return None
             job = self.ready.take(wait)
             if job is None:
+                self._give_up_slot()
                 return None
             try:
                 if self.claims.is_lost(job.queue_id):
@@ -248,22 +265,37 @@ class SendingThread:
 
     # ------------------------------------------------ the connection slot
 
-    def _have_slot(self) -> bool:
-        """A connection, or a slot reserved for one (waiting, with no job in hand)."""
+    def _ready_to_connect(self) -> bool:
+        """A connection, or the gate's leave to open one, waited for with no job
+        in hand: a thread that may not connect (the relay's limit, a relay down,
+        another thread opening the first connection) takes no job, so that the
+        jobs go to threads that can send them, or to another relay."""
+        if self.sender.connected and self.slot == "open":
+            return True
         if self.slot is None:
             if not self.gate.reserve(self.stop):
                 return False
             self.slot = "reserved"
+        while self.slot == "reserved":
+            if self.stop.requested or self.gate.closed:
+                self._give_up_slot()
+                return False
+            if self.gate.may_connect(CONNECT_WAIT):
+                self.slot = "connecting"
         return True
+
+    def _give_up_slot(self) -> None:
+        """A slot reserved or a leave to connect that will not be used (stopping)."""
+        if self.slot in ("reserved", "connecting") and not self.sender.connected:
+            self.gate.released(was_open=False, was_connecting=self.slot == "connecting")
+            self.slot = None
 
     def _connect(self, job: Job) -> bool:
         """Connected (through the gate); if not, `job` goes back to `ready`."""
         if self.sender.connected:
             return True
-        if self.slot != "reserved" or not self.gate.may_connect(CONNECT_WAIT):
-            if self.slot == "reserved":  # over the relay's limit: let the others send
-                self.slot = None
-                self.gate.released(was_open=False)
+        if self.slot != "connecting":  # the connection closed under this job: next time
+            self._give_up_slot()
             self.give_back(job)
             return False
         try:

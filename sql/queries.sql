@@ -269,9 +269,10 @@ WITH outcome AS (
   RETURNING jobs.job_id, jobs.attempts, outcome.delivery, outcome.smtp_code, outcome.error,
             outcome.elapsed, outcome.relay
 )
-INSERT INTO deliveries (job_id, attempt, started_at, finished_at, outcome, smtp_code, detail)
+INSERT INTO deliveries (job_id, attempt, started_at, finished_at, outcome, smtp_code, detail,
+                        relay)
 SELECT job_id, CASE WHEN delivery = 'deferred' THEN attempts ELSE GREATEST(attempts, 1) END,
-       now() - elapsed * interval '1 second', now(), delivery, smtp_code, error
+       now() - elapsed * interval '1 second', now(), delivery, smtp_code, error, relay
   FROM recorded
  WHERE delivery IS NOT NULL;
 

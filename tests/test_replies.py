@@ -123,7 +123,7 @@ def test_every_recipient_refused_for_good_is_dead_and_a_bad_mailbox_is_named():
     unknown = (550, "5.1.1 <to@example.com>: User unknown")
     out = transaction(job(), [(TO, unknown)], data=(554, "no valid recipients"))
     assert (out.kind, out.attempted) == ("dead", 1)
-    assert out.bad_mailboxes == [TO]
+    assert [address for address, _, _ in out.bad_mailboxes] == [TO]
     policy = (550, "5.7.1 spam")
     assert transaction(job(), [(TO, policy)], data=(554, "no")).bad_mailboxes == []
 
