@@ -75,20 +75,20 @@ def wait_for_smtp(config: configuration.Config, stop: doorbell.Stop) -> None:
     one that is merely down is left to failover (docs/relays.md)."""
     relays: list[configuration.SmtpSettings] = list(config.relays.values()) or [config.smtp]
     if len(relays) > 1:
+        fatal = []
         for relay in relays:
             sender = smtp.Sender(relay)
             try:
                 sender.connect()
             except smtp.SmtpUnavailable as exc:
+                line = "relay %s: %s" % (getattr(relay, "name", "default"), exc)
                 if not exc.retryable:
-                    raise SystemExit(
-                        "error: relay %s: %s" % (getattr(relay, "name", "default"), exc)
-                    ) from None
-                log.warning(
-                    "relay %s cannot be reached now: %s", getattr(relay, "name", "default"), exc
-                )
+                    fatal.append(line)
+                log.warning("%s (its mails go to the next relay of their route)", line)
             finally:
                 sender.close()
+        if len(fatal) == len(relays):  # no relay can ever be used: nothing to wait for
+            raise SystemExit("error: %s" % "; ".join(fatal))
         return
     delay = doorbell.RECONNECT_DELAY_MIN
     sender = smtp.Sender(relays[0])

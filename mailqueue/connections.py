@@ -59,6 +59,7 @@ class ConnectionGate:
         self.last_refusal = clock()
         self.closed = False
         self.failures = 0  # tries that found the relay unusable (mailqueue/routing.py reads it)
+        self.successes = 0  # connections opened, and probes that worked
         self.last_error: str | None = None
 
     @property
@@ -101,6 +102,7 @@ class ConnectionGate:
         with self.changed:
             self.connecting -= 1
             self.open += 1
+            self.successes += 1
             if self.down_since is not None:
                 back = self.clock() - self.down_since
                 self.down_since = None
@@ -166,6 +168,19 @@ class ConnectionGate:
         wait = self.backoff.next()
         self.retry_at = now + wait
         log.warning("%s; trying again in %.1f s", exc, wait)
+
+    def recovered(self) -> None:
+        """A probe (mailqueue/routing.py) could connect: the relay works again."""
+        with self.changed:
+            self.successes += 1
+            back = None if self.down_since is None else self.clock() - self.down_since
+            self.down_since, self.retry_at = None, 0.0
+            self.backoff.reset()
+            self.changed.notify_all()
+        if back is not None:
+            log.warning("the SMTP relay %s can be reached again (after %.0f s)", self.relay, back)
+        if self.on_back is not None:
+            self.on_back()
 
     def retry_now(self) -> None:
         """The next try may be made at once (this process won the right to probe)."""

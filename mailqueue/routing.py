@@ -17,11 +17,12 @@ and the log says so once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from mailqueue import outcomes, relays
+from mailqueue import outcomes, relays, smtp
 
 if TYPE_CHECKING:
     import psycopg2.extensions
@@ -47,6 +48,7 @@ class Lane:
     ready: ReadyJobs
     threads: int
     failures_seen: int = 0  # gate.failures when the Router last looked
+    successes_seen: int = 0  # gate.successes when the Router last looked
 
     @property
     def name(self) -> str:
@@ -82,12 +84,17 @@ class Router:
         return sum(len(lane.ready) for lane in self.lanes.values()) + len(self.held_back)
 
     def usable(self, relay: str) -> bool:
+        """Up, and not found at its daily quota lately (RelayView, for RouteChooser)."""
+        return not self.down(relay) and self.available.usable(relay)
+
+    def down(self, relay: str) -> bool:
+        """Failed, here or for another consumer, and not being tried by this one."""
         if relay in self.probing:
-            return True
+            return False
         lane = self.lanes.get(relay)
         if lane is not None and lane.gate.down and self.clock() < lane.gate.retry_at:
-            return False
-        return self.available.usable(relay)
+            return True
+        return not self.health.is_up(relay)
 
     def place(self, jobs: list[Job]) -> float:
         """Put each job in the lane of its relay (or give it its outcome: an
@@ -197,20 +204,43 @@ class Router:
                 if relays.mark_down(conn, name, self.config.queue.relay_retry_after, reason):
                     log.warning("relay %s is down for every consumer: %s", name, reason)
                 self.health.note_down(name, reason)
-            elif gate.open > 0 and not self.health.is_up(name):
+            elif gate.successes > lane.successes_seen and not gate.down:
+                lane.successes_seen = gate.successes
                 self.probing.discard(name)
-                if relays.mark_up(conn, name):
-                    log.warning("relay %s is up again for every consumer", name)
-                self.health.note_up(name)
+                if not self.health.is_up(name):
+                    if relays.mark_up(conn, name):
+                        log.warning("relay %s is up again for every consumer", name)
+                    self.health.note_up(name)
         if self.several:
             for name, lane in self.lanes.items():
-                if len(lane.ready) and not self.usable(name):
+                if len(lane.ready) and self.down(name):  # (its quota was taken already)
                     self._move_off(lane)
                 state = self.health.state(name)
                 if state.probe_due and name not in self.probing and lane.gate.open == 0:
-                    if relays.claim_probe(conn, name, self.config.queue.relay_retry_after):
+                    hold = 2 * lane.settings.timeout + 5
+                    if relays.claim_probe(conn, name, hold):
                         self.probing.add(name)
-                        lane.gate.retry_now()
+                        self._probe(lane)
+
+    def _probe(self, lane: Lane) -> None:
+        """Try the relay once (connect, EHLO, STARTTLS, AUTH, QUIT), in a thread of
+        its own: the gate learns the answer, and the next watch tells everyone."""
+
+        def probe() -> None:
+            sender = smtp.Sender(lane.settings)
+            try:
+                sender.connect()
+            except smtp.SmtpUnavailable as exc:
+                lane.gate.failed(exc)
+                return
+            except Exception as exc:  # a probe must never take the process down
+                lane.gate.failed(smtp.SmtpUnavailable("probe failed: %r" % exc))
+                return
+            finally:
+                sender.close()
+            lane.gate.recovered()
+
+        threading.Thread(target=probe, name="probe-%s" % lane.name, daemon=True).start()
 
     def _move_off(self, lane: Lane) -> None:
         """The jobs waiting for a relay that failed: to the next relay of their

@@ -89,23 +89,29 @@ def test_a_stopped_first_relay_fails_over_to_the_second_and_comes_back_after_ret
         database,
         {"first": {"port": first.port}, "second": {"port": second.port}},
     )
+    consumer = scripts.start("consumer.py", "--config", config)
+    producer = scripts.start("producer.py", "--config", config)
     markers = queue_marked(db, 50)
-    serve(scripts, config, db, lambda: status_counts(db) == {"completed": 50}, "failover")
+    wait_until(lambda: status_counts(db) == {"completed": 50}, what="failover")
     assert copies(second) == {m: 1 for m in markers} and not first.received
     assert query(db, "SELECT max(attempts) FROM jobs") == [(1,)], "no attempt spent on first"
     assert relays_used(db) == {"second": 50}
     assert query(db, "SELECT down_until IS NOT NULL FROM relays WHERE name = 'first'") == [(True,)]
-    # the first relay back: used again once relay_retry_after has passed
+    # the first relay back: tried by one consumer after relay_retry_after, up for all
     first.start()
-    more = queue_marked(db, 30, "again")
-    serve(
-        scripts,
-        config,
-        db,
-        lambda: status_counts(db) == {"completed": 80} and len(first.received) > 0,
-        "the first relay to be used again",
+    wait_until(
+        lambda: (
+            query(db, "SELECT down_until IS NULL FROM relays WHERE name = 'first'") == [(True,)]
+        ),
+        timeout=FAST["relay_retry_after"] + 15,
+        what="the first relay to be up again",
     )
-    assert copies(first) + copies(second) == {m: 1 for m in markers + more}
+    more = queue_marked(db, 30, "again")
+    wait_until(lambda: status_counts(db) == {"completed": 80}, what="the next mails")
+    assert copies(first) == {m: 1 for m in more}, "failover order: the first relay again"
+    assert "relay first is down for every consumer" in scripts.log_of(consumer)
+    assert "relay first is up again for every consumer" in scripts.log_of(consumer)
+    assert scripts.stop(consumer) == 0 and scripts.stop(producer) == 0
 
 
 @pytest.mark.parametrize("trouble", ["hangs", "bad-certificate", "421-at-mail"])
@@ -191,8 +197,10 @@ def test_a_relay_down_is_tried_by_one_consumer_not_by_each_thread(
             consumers=2,
         )
         assert copies(sinks[1]) == {m: 1 for m in markers}
-        # two consumers of two processes each: at most one try per process, not 64
-        assert 1 <= silent.accepted <= 4, silent.accepted
+        # two consumers of two processes each, 64 threads: a try at a time per process
+        # until the first failure marks the relay down for all (not one per thread)
+        print("\nconnections tried at the silent relay: %d" % silent.accepted)
+        assert 1 <= silent.accepted <= 8, silent.accepted
     finally:
         silent.close()
 
