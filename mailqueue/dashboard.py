@@ -202,11 +202,10 @@ def bars_chart(minutes: list[dict[str, Any]], width: int = 960, height: int = 18
 def lag_chart(minutes: list[dict[str, Any]], width: int = 960, height: int = 180) -> str:
     """The lag p95 (end_time - start_time) per minute, as an SVG line; gaps where
     no job finished."""
-    top, bottom = 12, 22
-    inner_w, inner_h = width - left - 8, height - top - bottom
     values = [m["lag_p95_seconds"] for m in minutes]
     peak = max([v for v in values if v is not None] + [0.001])
-    left = _axis_room(_seconds(peak))
+    left, top, bottom = _axis_room(_seconds(peak)), 12, 22
+    inner_w, inner_h = width - left - 8, height - top - bottom
     step = inner_w / max(len(minutes), 1)
     segments, current, dots = [], [], []  # type: ignore[var-annotated]  # lists of str
     for i, value in enumerate(values):
