@@ -303,7 +303,11 @@ def panel(figures: dict[str, Any], show_recipients: bool = False) -> str:
             ("sent-last-hour", "sent, last hour", figures["sent"]),
             # failed attempts are retried; dead ones include jobs given up
             # without an attempt (bad input, expired): two tiles, not one sum
-            ("failed-last-hour", "attempts failed, retried, last hour", figures["deliveries"]["failed"]),
+            (
+                "failed-last-hour",
+                "attempts failed, retried, last hour",
+                figures["deliveries"]["failed"],
+            ),
             ("dead-last-hour", "given up (dead), last hour", figures["deliveries"]["dead"]),
             (
                 "lag",

@@ -45,9 +45,7 @@ def measured_in_chromium(page, tmp_path):
     (folder / "static").mkdir(parents=True)
     shutil.copy(STATIC + "/dashboard.css", str(folder / "static"))
     (folder / "index.html").write_text(page.replace("</body>", MEASURE + "</body>"), "utf-8")
-    dom = run_chromium(
-        "--window-size=1000,1100", "--dump-dom", (folder / "index.html").as_uri()
-    )
+    dom = run_chromium("--window-size=1000,1100", "--dump-dom", (folder / "index.html").as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
     found = re.search(r'<pre id="measured">(.*?)</pre>', dom.stdout, re.S)
     assert found, dom.stdout[-2000:]
@@ -87,9 +85,7 @@ def test_long_axis_labels_are_whole_and_inside_their_chart_in_chromium(db, make_
         assert len(times) == 2 and all(t.endswith(" UTC") for t in times), times
 
 
-def test_dead_jobs_are_not_counted_as_failed_attempts_and_times_say_utc(
-    db, make_config, tmp_path
-):
+def test_dead_jobs_are_not_counted_as_failed_attempts_and_times_say_utc(db, make_config, tmp_path):
     bad_input = finished_job(db, "dead", "broken@example.com", ago=60)
     delivery(db, bad_input, "dead", "email 'broken' is not a valid address", None, ago=60)
     retried = finished_job(db, "failed", "later@example.com", ago=30)
