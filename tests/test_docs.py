@@ -16,6 +16,7 @@ import psycopg2
 import pytest
 
 from helpers import ROOT, query
+from mailqueue import config as configuration
 from mailqueue import devservers
 
 README = os.path.join(ROOT, "README.md")
@@ -222,3 +223,36 @@ def test_the_readme_is_short_and_leads_to_every_page():
     linked = {os.path.normpath(t.partition("#")[0]) for _, t in relative_links(README)}
     for page in PAGES[1:]:
         assert os.path.relpath(page, ROOT) in linked, "README does not link %s" % page
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def documented_keys(section):
+    """The keys in the first column of the table under `## section` in
+    docs/configuration.md."""
+    keys, inside = set(), False
+    for line in without_code_keep_headings(os.path.join(ROOT, "docs", "configuration.md")):
+        if line.startswith("## "):
+            inside = line[3:].strip() == section
+        elif inside and line.startswith("| `"):
+            keys.update(re.findall(r"`([a-z_]+)`", line.split("|")[1]))
+    return keys
+
+
+def test_every_configuration_key_is_documented_and_nothing_else():
+    assert documented_keys("database") == set(configuration._DATABASE_TYPES)
+    assert documented_keys("smtp") == set(configuration._SMTP_TYPES)
+    assert documented_keys("queue") == set(configuration._QUEUE_TYPES)
+
+
+def test_the_configuration_pages_example_is_accepted(tmp_path):
+    [example] = [
+        text
+        for info, text, _ in fenced_blocks(os.path.join(ROOT, "docs", "configuration.md"))
+        if info == "json"
+    ]
+    path = tmp_path / "config.json"
+    path.write_text(example, encoding="utf-8")
+    config = configuration.load(str(path), environ={})
+    assert config.smtp.security == "starttls" and config.queue.concurrency == 64
