@@ -21,10 +21,19 @@ if not os.path.isdir(SQL_DIR):
 # What a lost or unreachable server raises; the caller reconnects.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 Error = psycopg2.Error  # anything a query can raise
+DataError = psycopg2.DataError  # a value the statement cannot take
+IntegrityError = psycopg2.IntegrityError  # a constraint the statement would break
 
-# TCP keepalives find a connection whose server or network died silently.
+# TCP keepalives find a connection whose server or network died silently while
+# it is idle (about 11 s); tcp_user_timeout while data waits for its
+# acknowledgement (10 s), where retransmissions alone would take minutes.
 _CONNECT_OPTIONS = dict(
-    connect_timeout=10, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3
+    connect_timeout=10,
+    keepalives=1,
+    keepalives_idle=5,
+    keepalives_interval=2,
+    keepalives_count=3,
+    tcp_user_timeout=10000,
 )
 
 _HEADER = re.compile(r"^-- (\w+) --$", re.MULTILINE)
