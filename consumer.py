@@ -30,9 +30,13 @@ What is guaranteed, and what a crash or a cut network can cost: docs/delivery.md
 import argparse
 import logging
 
-from mailqueue import cli, db, doorbell, supervise
-from mailqueue.claimer import POLL_INTERVAL  # noqa: F401  (the tests read it here)
-from mailqueue.engine import Consumer
+from mailqueue import runtime
+
+runtime.require_dependencies("consumer.py")  # one line, not a traceback, outside the venv
+
+from mailqueue import cli, db, doorbell, supervise  # noqa: E402
+from mailqueue.claimer import POLL_INTERVAL  # noqa: E402, F401  (the tests read it here)
+from mailqueue.engine import Consumer  # noqa: E402
 
 log = logging.getLogger("consumer")
 

@@ -19,7 +19,11 @@ import argparse
 import logging
 import time
 
-from mailqueue import cli, db, doorbell
+from mailqueue import runtime
+
+runtime.require_dependencies("producer.py")  # one line, not a traceback, outside the venv
+
+from mailqueue import cli, db, doorbell  # noqa: E402
 
 log = logging.getLogger("producer")
 

@@ -72,7 +72,7 @@ def duration_of(args: argparse.Namespace) -> int | None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     seconds = duration_of(args)
-    config = cli.start(args)
+    config = cli.start(args, "mailqueue-%s" % args.command)
     if args.command == "report":
         # seconds is an int: --since has a default
         return report.run(args, config, seconds)  # type: ignore[arg-type]

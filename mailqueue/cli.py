@@ -4,7 +4,9 @@ and a first look at the servers, each failure one clear line and a non-zero exit
 from __future__ import annotations
 
 import logging
+import os
 import random
+import sys
 from typing import TYPE_CHECKING
 
 from mailqueue import config as configuration
@@ -15,7 +17,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailqueue")
 
-LOG_FORMAT = "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+# Every line names the program (consumer, producer, mailqueue-report ...), not the
+# module that logged it: a reader of the journal knows which script spoke.
+LOG_FORMAT = "%(asctime)s {program}[%(process)d] %(levelname)s %(message)s"
+
+
+def program_name(argv0: str | None = None) -> str:
+    """'consumer' for consumer.py, 'producer' for producer.py, 'mailqueue' for
+    python -m mailqueue."""
+    name = os.path.splitext(os.path.basename(sys.argv[0] if argv0 is None else argv0))[0]
+    return "mailqueue" if name in ("__main__", "") else name
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,9 +38,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def start(args: argparse.Namespace) -> configuration.Config:
-    """Set up logging and read the configuration; SystemExit on a bad file."""
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+def start(args: argparse.Namespace, program: str | None = None) -> configuration.Config:
+    """Set up logging, each line naming `program` (by default the script's name),
+    and read the configuration; SystemExit on a bad file."""
+    name = (program or program_name()).replace("%", "")
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT.format(program=name))
     try:
         return configuration.load(args.config)
     except configuration.ConfigError as exc:

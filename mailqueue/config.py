@@ -1,8 +1,9 @@
 """The configuration file (JSON) and the environment variables that override it.
 
 Every key but the database's has a default, so a minimal file works. Mistakes
-(a missing file, bad JSON, an unknown key, a wrong type) raise ConfigError with
-one line that names the file and the key.
+(a missing file, bad JSON, no database named, an unknown key, a wrong type)
+raise ConfigError with one line that names the file and the key. The keys are
+described in docs/configuration.md.
 
 Relays and routes (docs/relays.md): `relays` names the SMTP servers, each taking
 the keys of `smtp` (whose values they inherit, but for user and password) plus
@@ -223,7 +224,17 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("%s: not valid JSON: %s" % (path, exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("%s: cannot read: %s" % (path, exc)) from None
-    return from_dict(raw, path, environ)
+    config = from_dict(raw, path, environ)
+    # Without a database name libpq would pick one by the user's name, and every
+    # later error would be about that one ("database ?"): ask for it here.
+    if not config.database.get("database"):
+        missing = "database.database is missing" if raw.get("database") else "no database section"
+        raise ConfigError(
+            '%s: %s: name the database to use, e.g. "database": {"database": "mailqueue", '
+            '"user": "mailqueue", "host": "127.0.0.1", "port": 5432} (see config.example.json)'
+            % (path, missing)
+        )
+    return config
 
 
 def from_dict(

@@ -30,6 +30,7 @@ import signal
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -134,13 +135,28 @@ class Source:
 
 
 def mask(address: str | None) -> str:
-    """'alice@example.com' -> 'a***@example.com': enough to tell providers apart."""
+    """'alice@example.com' -> 'a***@example.com': enough to tell providers apart.
+    Of 'Alice <alice@example.com>' only the address is kept, masked alike."""
     if not address:
         return "-"
-    local, at, domain = address.rpartition("@")
+    text = address.strip()
+    if "<" in text:
+        text = text.rsplit("<", 1)[1].split(">", 1)[0].strip()
+    local, at, domain = text.rpartition("@")
     if not at:
-        return address[:1] + "***"
+        return text[:1] + "***"
     return local[:1] + "***@" + domain
+
+
+def _utc(moment: datetime, pattern: str) -> str:
+    """A time as the page shows it: in UTC, and saying so."""
+    return moment.astimezone(timezone.utc).strftime(pattern) + " UTC"
+
+
+def _axis_room(label: str) -> int:
+    """The left margin a chart needs for its y-axis label (11px text, at most about
+    7 px a character), so that a long label such as '10.44 s' is never clipped."""
+    return max(40, 12 + 7 * len(label))
 
 
 def _e(value: object) -> str:
@@ -151,18 +167,18 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else report._shown(value)
 
 
-def bars_chart(minutes: list[dict[str, Any]], width: int = 640, height: int = 170) -> str:
-    """Sent (green) and failed (red) per minute, stacked, as SVG."""
-    left, top, bottom = 40, 12, 22
-    inner_w, inner_h = width - left - 8, height - top - bottom
+def bars_chart(minutes: list[dict[str, Any]], width: int = 960, height: int = 180) -> str:
+    """Sent (green) and failed or given up (red) per minute, stacked, as SVG."""
     peak = max([m["sent"] + m["failed"] for m in minutes] + [1])
+    left, top, bottom = _axis_room("%d" % peak), 12, 22
+    inner_w, inner_h = width - left - 8, height - top - bottom
     step = inner_w / max(len(minutes), 1)
     parts = []
     for i, m in enumerate(minutes):
         x = left + i * step
         sent_h = inner_h * m["sent"] / peak
         failed_h = inner_h * m["failed"] / peak
-        label = "%s: %d sent, %d failed" % (m["minute"].strftime("%H:%M"), m["sent"], m["failed"])
+        label = "%s: %d sent, %d failed" % (_utc(m["minute"], "%H:%M"), m["sent"], m["failed"])
         if m["sent"]:
             parts.append(
                 '<rect class="sent" x="%.1f" y="%.1f" width="%.1f" height="%.1f" '
@@ -177,7 +193,7 @@ def bars_chart(minutes: list[dict[str, Any]], width: int = 640, height: int = 17
             )
     return _frame(
         "chart-throughput",
-        "mails sent (green) and attempts failed (red) per minute",
+        "mails sent (green) and attempts failed or given up (red) per minute",
         width,
         height,
         left,
@@ -192,13 +208,13 @@ def bars_chart(minutes: list[dict[str, Any]], width: int = 640, height: int = 17
     )
 
 
-def lag_chart(minutes: list[dict[str, Any]], width: int = 640, height: int = 170) -> str:
+def lag_chart(minutes: list[dict[str, Any]], width: int = 960, height: int = 180) -> str:
     """The lag p95 (end_time - start_time) per minute, as an SVG line; gaps where
     no job finished."""
-    left, top, bottom = 40, 12, 22
-    inner_w, inner_h = width - left - 8, height - top - bottom
     values = [m["lag_p95_seconds"] for m in minutes]
     peak = max([v for v in values if v is not None] + [0.001])
+    left, top, bottom = _axis_room(_seconds(peak)), 12, 22
+    inner_w, inner_h = width - left - 8, height - top - bottom
     step = inner_w / max(len(minutes), 1)
     segments, current, dots = [], [], []  # type: ignore[var-annotated]  # lists of str
     for i, value in enumerate(values):
@@ -212,7 +228,7 @@ def lag_chart(minutes: list[dict[str, Any]], width: int = 640, height: int = 170
         dots.append(
             '<circle class="lag" cx="%.1f" cy="%.1f" r="2.5" fill="#1f5fbf">'
             "<title>%s: p95 %s</title></circle>"
-            % (x, y, minutes[i]["minute"].strftime("%H:%M"), _e(_seconds(value)))
+            % (x, y, _utc(minutes[i]["minute"], "%H:%M"), _e(_seconds(value)))
         )
     if current:
         segments.append(current)
@@ -251,8 +267,8 @@ def _frame(
     parts: list[str],
     data: str,
 ) -> str:
-    first = minutes[0]["minute"].strftime("%H:%M") if minutes else ""
-    last = minutes[-1]["minute"].strftime("%H:%M") if minutes else ""
+    first = _utc(minutes[0]["minute"], "%H:%M") if minutes else ""
+    last = _utc(minutes[-1]["minute"], "%H:%M") if minutes else ""
     return "".join(
         [
             '<svg class="chart" id="%s" %s xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '  # noqa: E501
@@ -294,11 +310,14 @@ def panel(figures: dict[str, Any], show_recipients: bool = False) -> str:
                 else "none",
             ),
             ("sent-last-hour", "sent, last hour", figures["sent"]),
+            # failed attempts are retried; dead ones include jobs given up
+            # without an attempt (bad input, expired): two tiles, not one sum
             (
                 "failed-last-hour",
-                "attempts failed, last hour",
-                figures["deliveries"]["failed"] + figures["deliveries"]["dead"],
+                "attempts failed, retried, last hour",
+                figures["deliveries"]["failed"],
             ),
+            ("dead-last-hour", "given up (dead), last hour", figures["deliveries"]["dead"]),
             (
                 "lag",
                 "lag p50 / p95 / max",
@@ -310,7 +329,7 @@ def panel(figures: dict[str, Any], show_recipients: bool = False) -> str:
         "<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td>"
         '<td class="reason">%s</td></tr>'
         % (
-            _e(f["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if f["finished_at"] else "-"),
+            _e(_utc(f["finished_at"], "%Y-%m-%d %H:%M:%S") if f["finished_at"] else "-"),
             _e(f["job_id"]),
             _e(f["attempt"]),
             _e(f["outcome"]),
@@ -330,11 +349,12 @@ def panel(figures: dict[str, Any], show_recipients: bool = False) -> str:
     return "".join(
         [
             '<p class="updated" id="updated">updated %s</p>'
-            % time.strftime("%H:%M:%S", time.localtime(figures["taken_at"])),
+            % time.strftime("%H:%M:%S UTC", time.gmtime(figures["taken_at"])),
             '<h2>Jobs</h2><div class="tiles" id="statuses">%s</div>' % tiles,
             '<h2>Keeping up</h2><div class="tiles">%s</div>' % summary,
             "<h2>Last hour</h2>",
-            '<p class="caption">Mails sent (green) and attempts failed (red) per minute</p>',
+            '<p class="caption">Mails sent (green) and attempts failed or given up (red) '
+            "per minute</p>",
             bars_chart(figures["per_minute"]),
             '<p class="caption">Lag p95 per minute (end_time - start_time)</p>',
             lag_chart(figures["per_minute"]),
@@ -625,7 +645,10 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in dict(SECURITY_HEADERS, **(headers or {})).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # HEAD: the same headers, no body (uptime checkers)
+            self.wfile.write(body)
+
+    do_HEAD = do_GET
 
     # one DEBUG line per request, never stderr noise
     def log_message(self, format: str, *args: Any) -> None:

@@ -110,7 +110,8 @@ def as_text(report: dict[str, Any], window: str) -> str:
     lag = report["lag_seconds"]
     lines += [
         "In the last %s:" % window,
-        "  sent       %10d  (%.1f per minute)" % (report["sent"], report["sent_per_minute"]),
+        "  sent       %10d  (%.1f per minute, averaged over %s)"
+        % (report["sent"], report["sent_per_minute"], window),
         "  lag        p50 %s, p95 %s, max %s  (end_time - start_time)"
         % tuple(_shown(lag[k]) for k in ("p50", "p95", "max")),
         "Oldest job waiting: %s"

@@ -214,12 +214,13 @@ def main():
         db = psycopg2.connect(pg.dsn("mailqueue"))
         db.autocommit = True
         cur = db.cursor()
-        jobs = sample_jobs(args.jobs)
+        # --jobs counts every job, the HTML ones included
+        html_jobs = max(3, args.jobs // 50)
+        jobs = sample_jobs(max(args.jobs - html_jobs, len(BAD_ADDRESSES) + 1))
         cur.execute(
             "INSERT INTO jobs (email, content_message, subject) VALUES "
             + ",".join(cur.mogrify("(%s, %s, %s)", job).decode() for job in jobs)
         )
-        html_jobs = max(3, args.jobs // 50)
         insert_html_jobs(cur, html_jobs)
         print(
             "Inserted %d jobs (%d HTML with an inline logo and a PDF, %d with a bad "
@@ -294,7 +295,10 @@ def main():
     html_mail = _a_mail_with_attachments(maildir)
     if html_mail:
         print("An HTML mail with its logo and PDF: %s" % html_mail)
-    print("\npython -m mailqueue report --config %s said:\n%s" % (config_path, report))
+    print(
+        "\npython -m mailqueue report --config %s said (its window is the last hour, "
+        "so its per-minute rate is an hour's average):\n%s" % (config_path, report)
+    )
     print(
         "To see the dashboard: ./scripts/demo --dashboard, then open http://127.0.0.1:8025/ "
         "(on your database: python -m mailqueue dashboard --config config.json)"

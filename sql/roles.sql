@@ -33,7 +33,7 @@ GRANT SELECT (job_id) ON jobs TO mailqueue_app;
 -- column it names (the keys are the application's own; no address or content).
 GRANT SELECT (idempotency_key) ON jobs TO mailqueue_app;
 GRANT USAGE ON SEQUENCE jobs_job_id_seq TO mailqueue_app;
--- Its files, in the same transaction as their job (see README); it cannot read
+-- Its files, in the same transaction as their job (docs/writing-mails.md); it cannot read
 -- back or change any file, its own included.
 GRANT INSERT ON attachments TO mailqueue_app;
 GRANT USAGE ON SEQUENCE attachments_attachment_id_seq TO mailqueue_app;

@@ -386,7 +386,7 @@ def test_cancelling_a_claimed_job_never_hangs_and_is_never_overwritten(
     conn.autocommit = True
     query(conn, "SET statement_timeout = '2s'")  # fails if it has to wait
     started = time.monotonic()
-    query(conn, "DELETE FROM jobs WHERE job_id = %s", (claimed[0][0],))  # the README's way
+    query(conn, "DELETE FROM jobs WHERE job_id = %s", (claimed[0][0],))  # docs/delivery.md's way
     query(
         conn,
         "UPDATE jobs SET status = 'dead', last_error = 'cancelled by hand' WHERE job_id = %s",
@@ -433,7 +433,7 @@ def test_dead_job_put_back_by_the_documented_sql_is_sent(db, smtp, make_config, 
 
     smtp.behaviour = None
     [(job_id,)] = query(db, "SELECT job_id FROM jobs")
-    # The README's statement, as is:
+    # docs/delivery.md's statement, as is:
     query(
         db,
         "UPDATE jobs SET status = 'available', attempts = 0, run_at = now() WHERE job_id = %s",

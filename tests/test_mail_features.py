@@ -18,7 +18,7 @@ from test_message import BINARY, HTML, VIETNAMESE, dns_for, write_dkim_key
 LOGO = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) + b"\r\n.\r\n"
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n.\n\x00\x00\r\n.\r\n" + BINARY
 
-# A job and its attachments in one statement (the README's example).
+# A job and its attachments in one statement (docs/writing-mails.md's example).
 INSERT_WITH_FILES = """
 WITH job AS (
   INSERT INTO jobs (email, subject, content_message, html_message, sender, reply_to,
