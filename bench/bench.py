@@ -747,9 +747,9 @@ def relay(lab, build, proxy_port, proxy, concurrency, count):
 
 
 def load_average():
-    """The 1-minute load average, to print beside a figure: on this shared
-    machine it says whether the figure was taken in a busy minute."""
-    return "load %.1f" % os.getloadavg()[0]
+    """The 1-minute load average, to print beside a figure (taken as its run
+    ends): on this shared machine it says whether the run had a busy minute."""
+    return os.getloadavg()[0]
 
 
 POISON = "poison@example.com"
@@ -775,6 +775,7 @@ class PoisonRun:
     elapsed: float  # s from the consumer's start until they were all done (or the timeout)
     poison: Optional[tuple]  # (status, attempts, deliveries rows, last_error); None: no poison
     refused: int  # RCPTs the sink refused to the poison recipient
+    load: float  # the load average as the run ended
 
     def poison_text(self):
         if self.poison is None:
@@ -839,7 +840,9 @@ def poison(lab, build, count, reply, timeout=600.0):
     seen = sink.stop()
     conn.close()
     _, _, rate = per_second(t for address, t in seen["arrivals"].items() if address != POISON)
-    return PoisonRun(count, done, rate, elapsed, state, seen["refused"].get(POISON, 0))
+    return PoisonRun(
+        count, done, rate, elapsed, state, seen["refused"].get(POISON, 0), load_average()
+    )
 
 
 def db_latency(lab, build, delay_ms, count, concurrency=32):
@@ -852,13 +855,15 @@ def db_latency(lab, build, delay_ms, count, concurrency=32):
     try:
         conn, config = lab.fresh(build, database_port=proxy_port if proxy else None)
         try:
-            return burn_down(
+            run = burn_down(
                 lab,
                 build,
                 count,
                 build.consumer("--concurrency", str(concurrency)),
                 database=(conn, config),
             )
+            run.load = load_average()
+            return run
         finally:
             conn.close()
     finally:
@@ -878,6 +883,7 @@ class BigRun:
     intact: int  # mails whose attachment arrived with the original's SHA-256
     sizes: tuple  # (smallest, largest) mail in MB, as the sink counted it
     returncode: int
+    load: float  # the load average as the run ended
 
 
 def big_attachments(lab, build, jobs, megabytes, concurrency=32, timeout=1200.0):
@@ -931,6 +937,7 @@ def big_attachments(lab, build, jobs, megabytes, concurrency=32, timeout=1200.0)
         sum(1 for digest in seen["digests"].values() if digest == expected),
         (min(sizes), max(sizes)),
         proc.returncode,
+        load_average(),
     )
 
 
@@ -1501,8 +1508,8 @@ def main():
                         "%.0f mails/s" % run.rate
                         + ("" if run.done == run.normal else ", %d done" % run.done),
                         "within 10% of none",
-                        "all done in %.1f s; %s; %s"
-                        % (run.elapsed, run.poison_text(), load_average()),
+                        "all done in %.1f s; %s; load %.1f"
+                        % (run.elapsed, run.poison_text(), run.load),
                     )
         if "dblatency" in only:  # issue 17
             results = in_turns(
@@ -1519,8 +1526,8 @@ def main():
                     % ("direct" if delay is None else "%d ms each way" % delay, run.mails),
                     "%.0f mails/s" % run.rate,
                     "10 ms: >= 80% of 0 ms" if delay == 10 else "",
-                    "%.0f%% of 0 ms; %d conns; %s; %s"
-                    % (run.rate / base * 100, run.connections, cpu(run), load_average()),
+                    "%.0f%% of 0 ms; %d conns; %s; load %.1f"
+                    % (run.rate / base * 100, run.connections, cpu(run), run.load),
                 )
         if "bigattach" in only:  # issue 17
             run = big_attachments(lab, new, size["big_jobs"], 15)
@@ -1528,7 +1535,7 @@ def main():
                 "14. %d x 15 MB attachments, N=32: peak PSS" % run.jobs,
                 "%.0f MB" % run.peak_pss,
                 "< 1 GB",
-                "whole consumer, sampled every 0.25 s; %s" % load_average(),
+                "whole consumer, sampled every 0.25 s; load %.1f" % run.load,
             )
             row(
                 "   first mail after / all done in",
@@ -1569,7 +1576,7 @@ def main():
                     "15. two relays 50 ms RTT, round robin, N=128, %d mails" % count,
                     "%.0f/s, %d conns, %.0f MB" % (two[0].rate, two[0].connections, two[0].pss),
                     "within 10% of one relay",
-                    "one relay: %.0f/s, %d conns, %.0f MB; %s"
+                    "one relay: %.0f/s, %d conns, %.0f MB; load %.1f"
                     % (one[0].rate, one[0].connections, one[0].pss, load_average()),
                 )
         if "enqueue" in only:
