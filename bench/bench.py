@@ -962,15 +962,30 @@ def relays_config(lab, conn, relay_ports, concurrency):
 
 def relays_refused(lab, build, relay_ports):
     """None if the build's consumer takes a config of several relays (it drains an
-    empty queue and exits 0), else its last error line (a build without them
-    exits 1 at start-up: "unknown key")."""
+    empty queue and exits 0), else (why skipped, its last error line): a build
+    without them exits 1 at start-up ("unknown key relays")."""
     conn, _ = lab.fresh(build)
     path = relays_config(lab, conn, relay_ports, 128)
     conn.close()
-    probe = subprocess.run(build.consumer()(path), capture_output=True, text=True, timeout=120)
+    probe = subprocess.Popen(
+        build.consumer()(path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its processes are stopped together if it hangs
+    )
+    try:
+        _, errors = probe.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(probe.pid, signal.SIGKILL)
+        probe.wait()
+        return "skipped: the consumer hung with the relays config", "killed after 120 s"
     if not probe.returncode:
         return None
-    return (probe.stderr.strip().splitlines() or ["exit code %d" % probe.returncode])[-1]
+    line = (errors.strip().splitlines() or ["exit code %d" % probe.returncode])[-1]
+    if probe.returncode == 1:
+        return "skipped: this build has no relays config", line
+    return "skipped: the consumer failed with the relays config", line
 
 
 def two_relays(lab, build, relay_ports, count, concurrency=128):
@@ -1558,14 +1573,9 @@ def main():
                 helpers.append(relay_proc)
                 ports[name] = relay_port
             count = size["two_relays"]
-            error = relays_refused(lab, new, ports)
-            if error:
-                row(
-                    "15. two relays, round robin, N=128",
-                    "skipped: this build has no relays config",
-                    "",
-                    error[:100],
-                )
+            refused = relays_refused(lab, new, ports)
+            if refused:
+                row("15. two relays, round robin, N=128", refused[0], "", refused[1][:100])
             else:
                 one, two = in_turns(
                     1,
