@@ -18,6 +18,14 @@ each mail arrives. The remote relay is smtp-sink behind bench/delay_proxy.c, a
 proxy that delays every chunk 25 ms each way (compiled here with cc; without
 one, the asyncio bench/delay_proxy.py, which costs more CPU).
 
+For issues 17-19: `poison` (2,000 mails beside one job whose recipient
+bench/poison_sink.py answers 451/450 at RCPT for ever, each reply in turn, and
+without it), `dblatency` (the delay proxy in front of PostgreSQL: 0, 2, 10 ms
+each way), `bigattach` (64 jobs of 15 MB at N=32: peak PSS, first mail, all
+intact), `tworelays` (round robin over two delayed relays beside one; skipped
+while the consumer refuses a `relays` config) and `enqueue`
+(bench/enqueue_rate.py, when there).
+
 With --baseline REF the files of that commit are exported (git archive) into
 bench/output/ and its consumer and producer run on a database made with its own
 schema, in turns with today's.
