@@ -827,7 +827,7 @@ def poison(lab, build, count, reply, timeout=600.0):
                 "SELECT count(*) FROM jobs WHERE status = 'completed' AND email <> %s", (POISON,)
             )
             done = cur.fetchone()[0]
-            if done >= count:
+            if done >= count or procs[0].poll() is not None:  # done, or the consumer died
                 break
             time.sleep(0.1)
         elapsed = time.monotonic() - started
@@ -857,11 +857,11 @@ def db_latency(lab, build, delay_ms, count, concurrency=32):
     """Burn down `count` mails to the local C sink with the consumer's (and the
     producer's) database queries through bench/delay_proxy.c, `delay_ms` each
     way (None: direct); LISTEN goes direct (listen_database). A Run."""
-    proxy = None
+    proxy = proxy_port = None
     if delay_ms is not None:
         proxy_port, proxy, _ = start_delay_proxy(lab.folder, lab.pg.port, delay_ms)
     try:
-        conn, config = lab.fresh(build, database_port=proxy_port if proxy else None)
+        conn, config = lab.fresh(build, database_port=proxy_port)
         try:
             run = burn_down(
                 lab,
