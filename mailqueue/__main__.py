@@ -4,6 +4,9 @@
     requeue   --status dead|failed [--job ID ...] [--since DURATION] [--dry-run]
     prune     --older-than DURATION [--dry-run] delete old completed and dead jobs
     dashboard [--host 127.0.0.1] [--port 8025]  a web page and GET /metrics
+    suppress  add|remove|list|import ...        the suppression list
+    bounces   --maildir PATH | --imap URL       read bounces and complaints back
+    unsubscribe-server [--host] [--port 8026]   one-click unsubscribe (RFC 8058)
 
 Each takes --config PATH (default config.json) and --log-level, like the scripts.
 Durations are 30d, 12h or 15m; anything else is one line and exit code 2, before
@@ -16,7 +19,17 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from mailqueue import admin, cli, dashboard, db, durations, report
+from mailqueue import (
+    admin,
+    bounces,
+    cli,
+    dashboard,
+    db,
+    durations,
+    report,
+    suppressions,
+    unsubscribe,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -33,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("requeue", admin.add_requeue_arguments, "put dead or failed jobs back"),
         ("prune", admin.add_prune_arguments, "delete old completed and dead jobs"),
         ("dashboard", dashboard.add_arguments, "a web page and Prometheus metrics"),
+        ("suppress", suppressions.add_arguments, "add, remove, list or import suppressions"),
+        ("bounces", bounces.add_arguments, "read DSNs and complaints from a mailbox"),
+        ("unsubscribe-server", unsubscribe.add_arguments, "one-click unsubscribe (RFC 8058)"),
     ):
         command = commands.add_parser(name, help=about, description=about)
         cli.add_common_arguments(command)
@@ -62,9 +78,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         return report.run(args, config, seconds)  # type: ignore[arg-type]
     if args.command == "dashboard":
         return dashboard.run(args, config)
+    if args.command == "unsubscribe-server":
+        return unsubscribe.run(args, config)
     conn = report.connect(config, "mailqueue %s" % args.command)
     try:
-        if args.command == "requeue":
+        if args.command == "suppress":
+            suppressions.run(args, conn)
+        elif args.command == "bounces":
+            bounces.run(args, config, conn)
+        elif args.command == "requeue":
             admin.run_requeue(args, conn, seconds)
         else:
             # seconds is an int: --older-than is required

@@ -25,6 +25,7 @@ import html
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -53,6 +54,9 @@ WINDOW = 3600  # seconds: the page's and /metrics' window (the last hour)
 SNAPSHOT_TTL = 2.0  # seconds one snapshot serves every request
 REFRESH_SECONDS = 5  # the page refreshes its figures this often
 LATEST_FAILURES = 20  # rows in the page's table of failures
+LATEST_SUPPRESSIONS = 20  # rows in the page's table of suppressions
+# an address in a suppression's detail (the server's words), masked as ...@...
+_ADDRESS = re.compile(r"[^\s<>(),;:\"'\[\]]+@[^\s<>(),;:\"'\[\]]+")
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_FILES = {
     "dashboard.js": "text/javascript; charset=utf-8",
@@ -87,6 +91,11 @@ def collect(conn: connection) -> dict[str, Any]:
     figures["latest_failures"] = db.run_dicts(conn, "ops_latest_failures", limit=LATEST_FAILURES)
     deliveries = dict(db.run(conn, "ops_deliveries_since", since=WINDOW))
     figures["deliveries"] = {outcome: deliveries.get(outcome, 0) for outcome in OUTCOMES}
+    # figures["relays"] comes with report.gather; per outcome for /metrics:
+    figures["relay_deliveries"] = db.run(conn, "ops_relay_deliveries_since", since=WINDOW)
+    figures["latest_suppressions"] = db.run_dicts(
+        conn, "ops_latest_suppressions", limit=LATEST_SUPPRESSIONS
+    )
     figures["taken_at"] = time.time()
     return figures
 
@@ -317,6 +326,7 @@ def panel(figures: dict[str, Any], show_recipients: bool = False) -> str:
         if rows
         else '<p id="failures">No attempt has failed.</p>'
     )
+    after = after_send_tiles(figures) + suppressions_table(figures, show_recipients)
     return "".join(
         [
             '<p class="updated" id="updated">updated %s</p>'
@@ -330,7 +340,102 @@ def panel(figures: dict[str, Any], show_recipients: bool = False) -> str:
             lag_chart(figures["per_minute"]),
             "<h2>Latest failures</h2>",
             table,
+            relays_table(figures["relays"]),
+            after,
         ]
+    )
+
+
+def relays_table(relays: dict[str, dict[str, Any]]) -> str:
+    """A row per relay (docs/relays.md): up or down, sent and failed in the last
+    hour, its daily quota used; nothing when the database knows no relay."""
+    if not relays:
+        return ""
+    rows = "".join(
+        '<tr class="relay %s" data-relay="%s"><td>%s</td><td class="health">%s</td>'
+        '<td>%d</td><td>%d</td><td>%d</td><td class="reason">%s</td></tr>'
+        % (
+            "down" if r["down"] else "up",
+            _e(name),
+            _e(name),
+            "down until %s" % _e((r["down_until"] or "-")[11:19]) if r["down"] else "up",
+            r["sent"],
+            r["failed"],
+            r["quota_used"],
+            _e(r["last_error"]) if r["down"] else "",
+        )
+        for name, r in relays.items()
+    )
+    return (
+        '<h2>Relays</h2><table id="relays"><tr><th>relay</th><th>health</th>'
+        "<th>sent, last hour</th><th>failed, last hour</th><th>quota used (24 h)</th>"
+        "<th>why down</th></tr>%s</table>" % rows
+    )
+
+
+def _rate_tile(tile_id: str, label: str, rate: float | None, limit: float) -> str:
+    over = rate is not None and rate >= limit
+    return (
+        '<div class="tile%s" id="%s" data-rate="%s"><div class="label">%s</div>'
+        '<div class="value">%s</div></div>'
+        % (
+            " over" if over else "",
+            tile_id,
+            "" if rate is None else rate,
+            _e(label),
+            _e(report.percent(rate)),
+        )
+    )
+
+
+def after_send_tiles(figures: dict[str, Any]) -> str:
+    """Bounce and complaint rates of the last hour beside the providers' levels,
+    and the addresses suppressed now."""
+    suppressed = figures["suppressed"]
+    bounce_label = "bounce rate, last hour (SES reviews at %s)" % report.percent(
+        report.SES_BOUNCE_REVIEW
+    )
+    complaint_label = "complaint rate, last hour (SES reviews at %s; Gmail: under %s)" % (
+        report.percent(report.SES_COMPLAINT_REVIEW),
+        report.percent(report.GMAIL_COMPLAINT_LIMIT),
+    )
+    tiles = [
+        _rate_tile("bounce-rate", bounce_label, figures["bounce_rate"], report.SES_BOUNCE_REVIEW),
+        _rate_tile(
+            "complaint-rate",
+            complaint_label,
+            figures["complaint_rate"],
+            report.SES_COMPLAINT_REVIEW,
+        ),
+        '<div class="tile" id="suppressed-addresses"><div class="label">addresses suppressed '
+        '(%s)</div><div class="value">%d</div></div>'
+        % (_e(", ".join("%s %d" % kv for kv in suppressed.items())), sum(suppressed.values())),
+    ]
+    return '<h2>After sending</h2><div class="tiles">%s</div>' % "".join(tiles)
+
+
+def suppressions_table(figures: dict[str, Any], show_recipients: bool = False) -> str:
+    """The latest suppressions, addresses masked (also in the server's words)."""
+    rows = "".join(
+        "<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td>"
+        '<td class="reason">%s</td></tr>'
+        % (
+            _e(s["created_at"].strftime("%Y-%m-%d %H:%M:%S")),
+            _e(s["email"] if show_recipients else mask(s["email"])),
+            _e(s["reason"]),
+            _e(s["source"]),
+            _e(s["job_id"] or "-"),
+            _e(s["expires_at"].strftime("%Y-%m-%d %H:%M") if s["expires_at"] else "never"),
+            _e(s["detail"] if show_recipients else _ADDRESS.sub("...@...", s["detail"] or "")),
+        )
+        for s in figures["latest_suppressions"]
+    )
+    if not rows:
+        return '<h2>Latest suppressions</h2><p id="suppressions">No address is suppressed.</p>'
+    return (
+        '<h2>Latest suppressions</h2><table id="suppressions"><tr><th>when</th><th>address</th>'
+        "<th>reason</th><th>source</th><th>job</th><th>expires</th><th>detail</th></tr>%s"
+        "</table>" % rows
     )
 
 
@@ -392,6 +497,53 @@ class _Figures:
         for outcome, count in f["deliveries"].items():
             deliveries.add_metric([outcome], count)
         yield deliveries
+        suppressions = GaugeMetricFamily(
+            "mailqueue_suppressions",
+            "Addresses on the suppression list now (not expired), per reason.",
+            labels=["reason"],
+        )
+        for reason, count in f["suppressed"].items():
+            suppressions.add_metric([reason], count)
+        yield suppressions
+        for name, key, words in (
+            ("mailqueue_bounce_rate", "bounce_rate", "Hard bounces"),
+            ("mailqueue_complaint_rate", "complaint_rate", "Complaints"),
+        ):
+            value = f[key]
+            yield GaugeMetricFamily(
+                name,
+                "%s recorded in the last hour per mail sent in it (NaN when none was sent)."
+                % words,
+                value=float("nan") if value is None else value,
+            )
+        yield from _relay_metrics(f)
+
+
+def _relay_metrics(f: dict[str, Any]) -> Iterator[Metric]:
+    """Per relay (docs/relays.md): up, attempts per outcome, quota used."""
+    up = GaugeMetricFamily(
+        "mailqueue_relay_up",
+        "1 while the relay is up for every consumer, 0 while marked down.",
+        labels=["relay"],
+    )
+    quota = GaugeMetricFamily(
+        "mailqueue_relay_quota_used",
+        "Mails its daily_quota counts now (the rolling 24 hours).",
+        labels=["relay"],
+    )
+    for name, relay in f["relays"].items():
+        up.add_metric([name], 0 if relay["down"] else 1)
+        quota.add_metric([name], relay["quota_used"])
+    yield up
+    yield quota
+    deliveries = GaugeMetricFamily(
+        "mailqueue_relay_deliveries_last_hour",
+        "Send attempts logged in deliveries in the last hour, per relay and outcome.",
+        labels=["relay", "outcome"],
+    )
+    for relay_name, outcome, count in f["relay_deliveries"]:
+        deliveries.add_metric([relay_name, outcome], count)
+    yield deliveries
 
 
 def metrics(figures: dict[str, Any]) -> bytes:

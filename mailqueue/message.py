@@ -19,6 +19,7 @@ stored, whatever the relays in between do with long lines, dots or NULs.
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import re
 import time
 import urllib.parse
@@ -27,7 +28,7 @@ from email.utils import formatdate
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING, Any
 
-from mailqueue import addresses, signing
+from mailqueue import addresses, signing, tokens
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -50,6 +51,13 @@ class Mail:
     data: bytes  # the whole message, CRLF line ends
 
 
+def with_recipients(mail: Mail, recipients: Sequence[str]) -> Mail:
+    """The same mail (the same bytes, the same Message-ID) to some of its
+    envelope recipients only: those still waiting after an earlier try."""
+    wanted = set(recipients)
+    return dataclasses.replace(mail, recipients=tuple(r for r in mail.recipients if r in wanted))
+
+
 class Composer:
     """Everything about the mail that comes from the configuration, worked out once."""
 
@@ -64,6 +72,32 @@ class Composer:
         self.default_subject = smtp_settings.subject
         dkim_key = getattr(smtp_settings, "dkim", None)
         self.signer = None if dkim_key is None else signing.Signer(dkim_key)
+        # VERP and one-click unsubscribe (config.py copies unsubscribe.url and
+        # MAILQUEUE_SECRET into the smtp settings; it refuses either without the secret)
+        self.return_path = getattr(smtp_settings, "return_path", None)
+        url = getattr(smtp_settings, "unsubscribe_url", None)
+        self.unsubscribe_url = None if url is None else url.rstrip("/")
+        self.secret = getattr(smtp_settings, "secret", None)
+        if (self.return_path or self.unsubscribe_url) and not self.secret:
+            raise ValueError("smtp.return_path and unsubscribe.url need MAILQUEUE_SECRET")
+
+    def envelope_sender_for(self, job_id: int, sender: str) -> str:
+        """The envelope sender (MAIL FROM) of job `job_id`: with smtp.return_path,
+        its VERP address bounces+<job_id>-<tag>@domain, whatever the From; else
+        `sender`, the From's address."""
+        if self.return_path is None:
+            return sender
+        return tokens.verp_address(self.secret, self.return_path, job_id)  # type: ignore[arg-type]
+
+    def unsubscribe_lines(self, job_id: int, address: str) -> list[str]:
+        """List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) for `address`."""
+        if self.unsubscribe_url is None:
+            raise BadMail("unsubscribe is true but unsubscribe.url is not set in the configuration")
+        token = tokens.unsubscribe_token(self.secret, job_id, address)  # type: ignore[arg-type]
+        return [
+            "List-Unsubscribe: <%s/%s>\r\n" % (self.unsubscribe_url, token),
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n",
+        ]
 
     def build(self, job: Mapping[str, Any], attachments: Sequence[Mapping[str, Any]] = ()) -> Mail:
         """The mail for one job (a mapping of its `jobs` columns) and its
@@ -78,6 +112,7 @@ class Composer:
             and get("bcc") is None
             and get("headers") is None
             and self.signer is None
+            and not get("unsubscribe")
         ):
             return self._plain(job)  # none of the optional columns: the seed's kind of job
         job_id, created_at = job["job_id"], job["created_at"]
@@ -105,6 +140,13 @@ class Composer:
             cc = _mailboxes(job.get("cc"), "cc", allow_local)
             bcc = _mailboxes(job.get("bcc"), "bcc", allow_local)
             extra = addresses.check_extra_headers(job.get("headers"))
+            if get("unsubscribe") and any(
+                name.lower() in ("list-unsubscribe", "list-unsubscribe-post") for name, _ in extra
+            ):
+                raise addresses.BadHeader(
+                    "headers: List-Unsubscribe is written by the queue when unsubscribe is "
+                    "true; give one or the other"
+                )
         except (addresses.BadAddress, addresses.BadHeader) as exc:
             raise BadMail(str(exc)) from None
 
@@ -132,6 +174,8 @@ class Composer:
             "Message-ID: %s\r\n" % message_id,
         ]
         lines += ["%s: %s\r\n" % (name, encode_header_text(value)) for name, value in extra]
+        if get("unsubscribe"):
+            lines += self.unsubscribe_lines(job_id, recipient.address)
         lines.append("MIME-Version: 1.0\r\n")
 
         if html is None and not attachments:
@@ -155,7 +199,13 @@ class Composer:
                 data = self.signer.sign(data) + data
             except signing.SigningError as exc:
                 raise BadMail(str(exc)) from None
-        return Mail(job_id, envelope_sender, tuple(recipients), smtputf8, data)
+        return Mail(
+            job_id,
+            self.envelope_sender_for(job_id, envelope_sender),
+            tuple(recipients),
+            smtputf8,
+            data,
+        )
 
     def _plain(self, job: Mapping[str, Any]) -> Mail:
         """The seed's kind of job (a recipient, a subject, a text), on the
@@ -182,7 +232,7 @@ class Composer:
         )
         return Mail(
             job_id,
-            self.envelope_sender,
+            self.envelope_sender_for(job_id, self.envelope_sender),
             (recipient.address,),
             recipient.smtputf8,
             self.from_line + head.encode("utf-8") + _base64_lines(_canonical(body)),

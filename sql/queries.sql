@@ -92,21 +92,39 @@ DELETE FROM consumers WHERE consumer_id = %(consumer)s;
 -- oldest; SKIP LOCKED: consumers never wait for each other and never take the
 -- same row. The claim is committed at once, and the job's row comes along. A row
 -- whose job is no longer 'queued' is returned too: the consumer drops it unsent.
+-- Memory: rows are taken in order while their attachments add up to at most
+-- %(budget)s bytes (the rest stay unclaimed, for the next claim or another
+-- consumer); with %(alone)s, a first row larger than that is taken alone.
+-- Times come as seconds by the database's clock (expires_in, deferred_for), so
+-- that a consumer whose own clock is wrong still judges them right.
 WITH next AS (
-  SELECT queue_id
+  SELECT queue_id, priority,
+         (SELECT COALESCE(sum(octet_length(content)), 0)
+            FROM attachments WHERE attachments.job_id = queue.job_id) AS bytes
     FROM queue
    WHERE claimed_by IS NULL
    ORDER BY priority DESC, queue_id
    LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED
+), chosen AS (
+  SELECT queue_id, bytes
+    FROM (SELECT queue_id, bytes,
+                 sum(bytes) OVER (ORDER BY priority DESC, queue_id) AS running,
+                 row_number() OVER (ORDER BY priority DESC, queue_id) AS place
+            FROM next) AS sized
+   WHERE running <= %(budget)s OR (place = 1 AND %(alone)s)
 )
 UPDATE queue
    SET claimed_by = %(consumer)s, claimed_at = now()
-  FROM next, jobs
- WHERE queue.queue_id = next.queue_id AND jobs.job_id = queue.job_id
-RETURNING queue.queue_id,
-          EXISTS (SELECT 1 FROM attachments WHERE attachments.job_id = jobs.job_id)
-            AS has_attachments,
+  FROM chosen, jobs
+ WHERE queue.queue_id = chosen.queue_id AND jobs.job_id = queue.job_id
+RETURNING queue.queue_id, chosen.bytes AS attachment_bytes,
+          EXTRACT(EPOCH FROM jobs.expires_at - now()) AS expires_in,
+          EXTRACT(EPOCH FROM now() - jobs.deferred_since) AS deferred_for,
+          (jobs.pending_recipients IS NOT NULL
+           AND EXISTS (SELECT 1 FROM deliveries
+                        WHERE deliveries.job_id = jobs.job_id AND deliveries.outcome = 'sent'))
+            AS delivered_before,
           jobs.*;
 
 -- claim_paced_batch --
@@ -124,18 +142,27 @@ WITH bucket AS (
    WHERE bucket = 'default'
      FOR UPDATE
 ), next AS (
-  SELECT queue_id
+  SELECT queue_id, priority,
+         (SELECT COALESCE(sum(octet_length(content)), 0)
+            FROM attachments WHERE attachments.job_id = queue.job_id) AS bytes
     FROM queue
    WHERE claimed_by IS NULL
    ORDER BY priority DESC, queue_id
    LIMIT (SELECT GREATEST(0, LEAST(%(limit)s, floor(tokens)))::int FROM bucket)
      FOR UPDATE SKIP LOCKED
+), chosen AS (
+  SELECT queue_id, bytes
+    FROM (SELECT queue_id, bytes,
+                 sum(bytes) OVER (ORDER BY priority DESC, queue_id) AS running,
+                 row_number() OVER (ORDER BY priority DESC, queue_id) AS place
+            FROM next) AS sized
+   WHERE running <= %(budget)s OR (place = 1 AND %(alone)s)
 ), claimed AS (
   UPDATE queue
      SET claimed_by = %(consumer)s, claimed_at = now()
-    FROM next
-   WHERE queue.queue_id = next.queue_id
-  RETURNING queue.queue_id, queue.job_id
+    FROM chosen
+   WHERE queue.queue_id = chosen.queue_id
+  RETURNING queue.queue_id, queue.job_id, chosen.bytes
 ), spent AS (
   UPDATE send_rate
      SET tokens = bucket.tokens - (SELECT count(*) FROM claimed), refreshed_at = bucket.at
@@ -143,16 +170,21 @@ WITH bucket AS (
    WHERE send_rate.bucket = 'default'
   RETURNING send_rate.tokens
 )
-SELECT spent.tokens AS tokens_left, claimed.queue_id,
-       EXISTS (SELECT 1 FROM attachments WHERE attachments.job_id = jobs.job_id)
-         AS has_attachments,
+SELECT spent.tokens AS tokens_left, claimed.queue_id, claimed.bytes AS attachment_bytes,
+       EXTRACT(EPOCH FROM jobs.expires_at - now()) AS expires_in,
+       EXTRACT(EPOCH FROM now() - jobs.deferred_since) AS deferred_for,
+       (jobs.pending_recipients IS NOT NULL
+        AND EXISTS (SELECT 1 FROM deliveries
+                     WHERE deliveries.job_id = jobs.job_id AND deliveries.outcome = 'sent'))
+         AS delivered_before,
        jobs.*
   FROM spent
   LEFT JOIN claimed ON true
   LEFT JOIN jobs ON jobs.job_id = claimed.job_id;
 
 -- attachments_of --
--- The files of the jobs just claimed (those whose has_attachments is true).
+-- The files of jobs just claimed (those whose attachment_bytes is not 0), read a
+-- few jobs at a time so that no one reply holds much more than their bytes.
 SELECT job_id, attachment_id, filename, content_type, content, content_id
   FROM attachments
  WHERE job_id = ANY(%(job_ids)s::int[])
@@ -173,27 +205,34 @@ UPDATE queue
 -- record_outcomes --
 -- The outcomes of many mails, in one statement (one commit): the recorder
 -- commits every outcome pending at that moment. Each array holds one element per
--- mail; kind is one of
---   sent      the server accepted it: completed
---   failed    an attempt failed for a reason that may pass: retried in delay seconds
---   dead      given up (attempted: 1 if a send was attempted, 0 if not)
---   released  not attempted (throttled, the connection lost before its content,
---             stopping): the row goes back to the queue, no attempt spent
---   dropped   the job is no longer queued (finished, cancelled): the row goes
+-- mail; kind is one of (mailqueue/outcomes.py decides which)
+--   sent        completed: every recipient has its answer, and one got the mail
+--   failed      an attempt spent; tried again in delay seconds
+--   deferred    put back for delay seconds without spending an attempt (status failed)
+--   released    back to the queue at once; with deferred = 1 it counts as a deferral
+--               (the relay throttled), with 0 it was not tried (stopping)
+--   dead        given up (attempted: 1 if an attempt was spent, 0 if not)
+--   uncertain   no final reply to the content, and the job holds (on_uncertain = 'hold')
+--   suppressed  never sent: its address is on the suppression list
+--   dropped     the job is no longer queued (finished, cancelled): the row goes if we hold it
 -- A job is changed only while it is 'queued', so recording an outcome twice (on a
 -- new connection, after the first one's reply was lost) changes nothing the second
--- time, and a job someone else finished is never overwritten. Each attempt is
--- logged in deliveries, in the same statement: the two never disagree.
+-- time, and a job someone else finished is never overwritten. Each SMTP
+-- transaction is logged in deliveries (delivery not NULL), in the same statement:
+-- the two never disagree. started_at and finished_at are the database's clock.
 WITH outcome AS (
   SELECT *
     FROM unnest(%(queue_ids)s::int[], %(job_ids)s::int[], %(kinds)s::text[],
-                %(attempted)s::int[], %(errors)s::text[], %(delays)s::float8[],
-                %(codes)s::int[], %(started)s::float8[])
-         AS o(queue_id, job_id, kind, attempted, error, delay, smtp_code, started)
+                %(attempted)s::int[], %(deferred)s::int[], %(errors)s::text[],
+                %(delays)s::float8[], %(codes)s::int[], %(elapsed)s::float8[],
+                %(pending)s::text[], %(deliveries)s::text[], %(relays)s::text[])
+         AS o(queue_id, job_id, kind, attempted, deferred, error, delay, smtp_code, elapsed,
+              pending, delivery, relay)
 ), finished AS (
   DELETE FROM queue
    USING outcome
    WHERE queue.queue_id = outcome.queue_id AND outcome.kind <> 'released'
+     AND (outcome.kind <> 'dropped' OR queue.claimed_by = %(consumer)s)
      AND queue.queue_id = ANY (%(queue_ids)s::int[])
 ), released AS (
   UPDATE queue
@@ -204,25 +243,37 @@ WITH outcome AS (
      AND queue.claimed_by = %(consumer)s
 ), recorded AS (
   UPDATE jobs
-     SET status = CASE outcome.kind WHEN 'sent' THEN 'completed' ELSE outcome.kind END,
-         end_time = CASE WHEN outcome.kind = 'failed' THEN NULL ELSE now() END,
+     SET status = CASE outcome.kind WHEN 'sent' THEN 'completed'
+                                    WHEN 'deferred' THEN 'failed'
+                                    WHEN 'released' THEN 'queued'
+                                    ELSE outcome.kind END,
+         end_time = CASE WHEN outcome.kind IN ('failed', 'deferred', 'released') THEN NULL
+                         ELSE now() END,
          attempts = jobs.attempts + outcome.attempted,
+         deferrals = CASE WHEN outcome.deferred = 1 THEN jobs.deferrals + 1 ELSE 0 END,
+         deferred_since = CASE WHEN outcome.deferred = 1 THEN COALESCE(jobs.deferred_since, now())
+                               ELSE NULL END,
+         pending_recipients = CASE WHEN outcome.pending IS NULL THEN NULL
+                                   ELSE ARRAY(SELECT json_array_elements_text(outcome.pending::json))
+                              END,
          last_error = outcome.error,
-         run_at = CASE WHEN outcome.kind = 'failed'
+         run_at = CASE WHEN outcome.kind IN ('failed', 'deferred')
                        THEN now() + outcome.delay * interval '1 second'
                        ELSE jobs.run_at END
     FROM outcome
    WHERE jobs.job_id = outcome.job_id AND jobs.status = 'queued'
-     AND outcome.kind IN ('sent', 'failed', 'dead')
+     AND (outcome.kind NOT IN ('dropped', 'released') OR outcome.deferred = 1)
      -- Said again as an array so the planner looks the jobs up by primary key
      -- even when its statistics are stale (else it may scan every queued job).
      AND jobs.job_id = ANY (%(job_ids)s::int[])
-  RETURNING jobs.job_id, jobs.attempts, outcome.kind, outcome.smtp_code, outcome.error,
-            outcome.started
+  RETURNING jobs.job_id, jobs.attempts, outcome.delivery, outcome.smtp_code, outcome.error,
+            outcome.elapsed, outcome.relay
 )
 INSERT INTO deliveries (job_id, attempt, started_at, finished_at, outcome, smtp_code, detail)
-SELECT job_id, GREATEST(attempts, 1), to_timestamp(started), now(), kind, smtp_code, error
-  FROM recorded;
+SELECT job_id, CASE WHEN delivery = 'deferred' THEN attempts ELSE GREATEST(attempts, 1) END,
+       now() - elapsed * interval '1 second', now(), delivery, smtp_code, error
+  FROM recorded
+ WHERE delivery IS NOT NULL;
 
 -- ring_consumers --
 -- Rows are back in the queue (a consumer stopped or freed claims): wake the
@@ -334,7 +385,7 @@ SELECT outcome, count(*) AS deliveries
  GROUP BY outcome;
 
 -- ops_requeue --
--- Up to %(limit)s jobs of %(status)s (dead or failed), among %(job_ids)s if not
+-- Up to %(limit)s jobs of %(status)s (dead, failed or uncertain), among %(job_ids)s if not
 -- NULL and last tried within %(since)s seconds if not NULL (end_time for dead
 -- jobs, start_time, when last queued, for failed ones), back to available with
 -- attempts = 0; the schema's trigger jobs_ring_producer_on_retry wakes the
@@ -352,7 +403,8 @@ WITH chosen AS (
      FOR UPDATE
 ), requeued AS (
   UPDATE jobs
-     SET status = 'available', attempts = 0, run_at = now(), end_time = NULL
+     SET status = 'available', attempts = 0, deferrals = 0, deferred_since = NULL,
+         run_at = now(), end_time = NULL
     FROM chosen
    WHERE jobs.job_id = chosen.job_id AND jobs.status = %(status)s
   RETURNING jobs.job_id
@@ -369,15 +421,18 @@ SELECT count(*) AS jobs
         OR COALESCE(end_time, start_time) >= LOCALTIMESTAMP - %(since)s * interval '1 second');
 
 -- ops_prune_count --
--- prune: how many finished jobs (completed or dead) ended more than
--- %(older_than)s seconds ago (jobs_finished_idx alone).
-SELECT count(*) AS jobs
-  FROM jobs
- WHERE status IN ('completed', 'dead')
-   AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second';
+-- prune: how many finished jobs (completed, dead, uncertain, suppressed, bounced)
+-- ended more than %(older_than)s seconds ago: one count per partial index
+-- (jobs_finished_idx, jobs_other_finished_idx), each read alone.
+SELECT (SELECT count(*) FROM jobs
+         WHERE status IN ('completed', 'dead')
+           AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second')
+     + (SELECT count(*) FROM jobs
+         WHERE status IN ('uncertain', 'suppressed', 'bounced')
+           AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second') AS jobs;
 
 -- ops_prune_batch --
--- prune: delete up to %(limit)s jobs of %(status)s (completed or dead) that ended
+-- prune: delete up to %(limit)s jobs of %(status)s (a finished status) that ended
 -- more than %(older_than)s seconds ago and not before %(after)s, oldest first
 -- (their deliveries and attachments go with them through the foreign keys).
 -- Each batch is its own short transaction; the caller goes on from the latest
@@ -396,7 +451,330 @@ WITH doomed AS (
 ), gone AS (
   DELETE FROM jobs
    USING doomed
-   WHERE jobs.job_id = doomed.job_id AND jobs.status IN ('completed', 'dead')
+   WHERE jobs.job_id = doomed.job_id
+     AND jobs.status IN ('completed', 'dead', 'uncertain', 'suppressed', 'bounced')
   RETURNING jobs.end_time
 )
 SELECT count(*) AS jobs, max(end_time) AS last FROM gone;
+
+-- =============================================================================
+-- Several relays (mailqueue/relays.py; docs/relays.md): health shared by every
+-- consumer, rate and daily quota per relay. The hour of relay_usage is always
+-- truncated in UTC, so that consumers in any TimeZone count the same rows.
+-- ======================================================================
+
+-- relay_register --
+-- A consumer starts: a row of relays for each relay it knows (%(names)s), up
+-- unless another consumer already knows better.
+INSERT INTO relays (name)
+SELECT name FROM unnest(%(names)s::varchar[]) AS given(name)
+ON CONFLICT (name) DO NOTHING;
+
+-- relay_states --
+-- Every relay's health, judged by the database's clock: down (not yet known to
+-- be back), and probe_due: down_until has passed and no consumer is trying it.
+SELECT name,
+       down_until IS NOT NULL AS down,
+       down_until IS NOT NULL AND down_until <= now()
+         AND (probe_until IS NULL OR probe_until < now()) AS probe_due,
+       down_until, probe_until, last_error, changed_at
+  FROM relays
+ ORDER BY name;
+
+-- relay_mark_down --
+-- The relay %(relay)s failed (%(reason)s): down for every consumer for
+-- %(seconds)s seconds from now, any probe ended. `changed` is true only when it
+-- was up (or unknown) before: the caller logs the change once. (changed_at is set
+-- to this transaction's now() exactly when the state flips.)
+INSERT INTO relays AS r (name, down_until, last_error, changed_at)
+VALUES (%(relay)s, now() + %(seconds)s * interval '1 second', %(reason)s, now())
+ON CONFLICT (name) DO UPDATE
+   SET down_until = EXCLUDED.down_until,
+       last_error = EXCLUDED.last_error,
+       probe_until = NULL,
+       changed_at = CASE WHEN r.down_until IS NULL THEN now() ELSE r.changed_at END
+RETURNING changed_at = now() AS changed;
+
+-- relay_mark_up --
+-- The relay %(relay)s worked: up for every consumer. A row comes back only if it
+-- was down (the caller logs the change once); an up relay is not written.
+UPDATE relays
+   SET down_until = NULL, probe_until = NULL, changed_at = now()
+ WHERE name = %(relay)s AND down_until IS NOT NULL
+RETURNING name;
+
+-- relay_claim_probe --
+-- The right to try the relay %(relay)s again, once its down_until has passed:
+-- one caller across all consumers gets the row back; the others (a concurrent
+-- UPDATE re-checks the condition on the row the winner wrote) get none, and keep
+-- seeing it down until the probe marks it up or down, or %(hold)s seconds pass
+-- (a prober that died).
+UPDATE relays
+   SET probe_until = now() + %(hold)s * interval '1 second'
+ WHERE name = %(relay)s
+   AND down_until <= now()
+   AND (probe_until IS NULL OR probe_until < now())
+RETURNING name;
+
+-- relay_open_bucket --
+-- The token bucket of the relay %(relay)s's rate_limit (a row of send_rate named
+-- 'relay:' and the relay), full (%(burst)s tokens) when new.
+INSERT INTO send_rate (bucket, tokens)
+VALUES ('relay:' || %(relay)s, %(burst)s)
+ON CONFLICT (bucket) DO NOTHING;
+
+-- relay_take_tokens --
+-- Up to %(wanted)s mails to the relay %(relay)s under its rate_limit: its bucket
+-- is locked, brought up to date (%(rate)s tokens a second, at most %(burst)s
+-- saved up), and each mail granted takes a token. wait_seconds: until the next
+-- token. No row when the bucket does not exist yet (relay_open_bucket, then again).
+WITH bucket AS (
+  SELECT clock_timestamp() AS at,
+         LEAST(%(burst)s::float8,
+               tokens + %(rate)s * EXTRACT(EPOCH FROM clock_timestamp() - refreshed_at))
+           AS tokens
+    FROM send_rate
+   WHERE bucket = 'relay:' || %(relay)s
+     FOR UPDATE
+), granted AS (
+  SELECT at, tokens, GREATEST(0, LEAST(%(wanted)s, floor(tokens)))::int AS mails
+    FROM bucket
+), spent AS (
+  UPDATE send_rate
+     SET tokens = granted.tokens - granted.mails, refreshed_at = granted.at
+    FROM granted
+   WHERE send_rate.bucket = 'relay:' || %(relay)s
+  RETURNING send_rate.tokens
+)
+SELECT granted.mails AS granted,
+       GREATEST(0.0, (1 - spent.tokens) / %(rate)s::float8) AS wait_seconds
+  FROM granted, spent;
+
+-- relay_open_hour --
+-- The relay %(relay)s's row of relay_usage for this hour, and its rows older than
+-- the quota's window gone (once an hour per relay).
+WITH old AS (
+  DELETE FROM relay_usage
+   WHERE relay = %(relay)s
+     AND hour < (date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                - interval '24 hours'
+)
+INSERT INTO relay_usage (relay, hour)
+VALUES (%(relay)s, date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+ON CONFLICT (relay, hour) DO NOTHING;
+
+-- relay_take_quota --
+-- Up to %(wanted)s mails of the relay %(relay)s's daily_quota (%(quota)s mails in
+-- the rolling 24 hours, counted as this hour and the 24 before it, so a mail
+-- counts for 24 to 25 hours). This hour's row is locked (FOR UPDATE reads its
+-- newest version, written by any consumer), so that two consumers never both take
+-- the last mails; the earlier hours no longer change. No row when this hour's row
+-- does not exist yet (relay_open_hour, then again).
+WITH this_hour AS (
+  SELECT sent, hour
+    FROM relay_usage
+   WHERE relay = %(relay)s
+     AND hour = date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+     FOR UPDATE
+), earlier AS (
+  SELECT COALESCE(sum(sent), 0) AS sent
+    FROM relay_usage
+   WHERE relay = %(relay)s
+     AND hour >= (date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                 - interval '24 hours'
+     AND hour < date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+), granted AS (
+  SELECT this_hour.hour,
+         GREATEST(0, LEAST(%(wanted)s, %(quota)s - earlier.sent - this_hour.sent))::int AS mails
+    FROM this_hour, earlier
+), taken AS (
+  UPDATE relay_usage
+     SET sent = relay_usage.sent + granted.mails
+    FROM granted
+   WHERE relay_usage.relay = %(relay)s AND relay_usage.hour = granted.hour
+     AND granted.mails > 0
+)
+SELECT mails AS granted FROM granted;
+
+-- relay_give_back_quota --
+-- %(count)s mails taken from the relay %(relay)s's quota were not sent after all:
+-- taken off its latest hour that has any.
+UPDATE relay_usage
+   SET sent = sent - LEAST(sent, %(count)s)
+ WHERE relay = %(relay)s
+   AND hour = (SELECT max(hour) FROM relay_usage WHERE relay = %(relay)s AND sent > 0);
+
+-- ops_relays --
+-- Reports: every relay known (the relays table, and those named by the attempts
+-- of the window), with its attempts in the last %(since)s seconds (sent; failed
+-- or dead), its health, and its quota used (the rolling 24 hours of
+-- relay_take_quota).
+WITH tallies AS (
+  SELECT relay,
+         count(*) FILTER (WHERE outcome = 'sent') AS sent,
+         count(*) FILTER (WHERE outcome IN ('failed', 'dead')) AS failed
+    FROM deliveries
+   WHERE finished_at >= now() - %(since)s * interval '1 second' AND relay IS NOT NULL
+   GROUP BY relay
+), usage AS (
+  SELECT relay, sum(sent) AS used
+    FROM relay_usage
+   WHERE hour >= (date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                - interval '24 hours'
+   GROUP BY relay
+), names AS (
+  SELECT name FROM relays
+  UNION
+  SELECT relay FROM tallies
+)
+SELECT names.name,
+       COALESCE(tallies.sent, 0) AS sent,
+       COALESCE(tallies.failed, 0) AS failed,
+       relays.down_until IS NOT NULL AS down,
+       relays.down_until,
+       relays.last_error,
+       COALESCE(usage.used, 0)::bigint AS quota_used
+  FROM names
+  LEFT JOIN relays ON relays.name = names.name
+  LEFT JOIN tallies ON tallies.relay = names.name
+  LEFT JOIN usage ON usage.relay = names.name
+ ORDER BY names.name;
+
+-- ops_relay_deliveries_since --
+-- Attempts logged in the last %(since)s seconds, per relay and outcome (/metrics);
+-- attempts that name no relay (written before relays) are left out.
+SELECT relay, outcome, count(*) AS deliveries
+  FROM deliveries
+ WHERE finished_at >= now() - %(since)s * interval '1 second' AND relay IS NOT NULL
+ GROUP BY relay, outcome
+ ORDER BY relay, outcome;
+
+-- =============================================================================
+-- After the 250: suppressions, bounces and complaints, one-click unsubscribe
+-- (mailqueue/suppressions.py, bounces.py, unsubscribe.py; issue 20)
+-- =============================================================================
+
+-- suppressed_among --
+-- The batch screen: which of %(addresses)s (lower-cased) are suppressed now.
+-- One look-up of the primary key per claimed batch, not one per mail.
+SELECT email, reason, source, created_at
+  FROM suppressions
+ WHERE email = ANY (%(addresses)s::text[])
+   AND (expires_at IS NULL OR expires_at > now());
+
+-- suppress --
+-- Put %(email)s on the list. An address already on it stays as it is, unless its
+-- row has expired: then the new reason replaces it. Returns the row when written.
+INSERT INTO suppressions AS s (email, reason, source, job_id, detail, expires_at)
+VALUES (%(email)s, %(reason)s, %(source)s, %(job_id)s, %(detail)s, %(expires_at)s)
+ON CONFLICT (email) DO UPDATE
+   SET reason = EXCLUDED.reason, source = EXCLUDED.source, job_id = EXCLUDED.job_id,
+       detail = EXCLUDED.detail, created_at = now(), expires_at = EXCLUDED.expires_at
+ WHERE s.expires_at IS NOT NULL AND s.expires_at <= now()
+RETURNING email;
+
+-- suppress_rejected_recipient --
+-- The consumer, when a recipient gets a 5xx with enhanced code 5.1.x at RCPT:
+-- suppress %(email)s as hard_bounce (source smtp) for job %(job_id)s, and log the
+-- event for the bounce rate, in one statement. Running it twice changes nothing.
+WITH event AS (
+  INSERT INTO mail_events (message_key, recipient, kind, status, source, job_id, detail)
+  VALUES ('smtp:' || %(job_id)s::int, lower(btrim(%(email)s)), 'rejected', %(status)s,
+          'smtp', %(job_id)s, %(detail)s)
+  ON CONFLICT (message_key, recipient) DO NOTHING
+  RETURNING event_id
+)
+INSERT INTO suppressions AS s (email, reason, source, job_id, detail)
+VALUES (%(email)s, 'hard_bounce', 'smtp', %(job_id)s, %(detail)s)
+ON CONFLICT (email) DO UPDATE
+   SET reason = EXCLUDED.reason, source = EXCLUDED.source, job_id = EXCLUDED.job_id,
+       detail = EXCLUDED.detail, created_at = now(), expires_at = NULL
+ WHERE s.expires_at IS NOT NULL AND s.expires_at <= now();
+
+-- unsuppress --
+-- python -m mailqueue suppress remove: take %(emails)s (lower-cased) off the list.
+DELETE FROM suppressions WHERE email = ANY (%(emails)s::text[]);
+
+-- suppression_list --
+-- python -m mailqueue suppress list: every row, newest first.
+SELECT email, reason, source, job_id, detail, created_at, expires_at,
+       expires_at IS NOT NULL AND expires_at <= now() AS expired
+  FROM suppressions
+ ORDER BY created_at DESC, email;
+
+-- job_for_report --
+-- A bounce or complaint names job %(job_id)s: its addresses and what it is now.
+SELECT job_id, email, cc, bcc, status, created_at FROM jobs WHERE job_id = %(job_id)s;
+
+-- record_mail_event --
+-- One recipient of a DSN or an ARF report, with its effects, in one statement:
+-- the event (once per report and recipient: reading a mailbox twice changes
+-- nothing), the suppression (%(suppress)s: a reason, or NULL for none) and, when
+-- %(bounce)s, the job completed -> bounced with %(error)s as its last_error.
+WITH event AS (
+  INSERT INTO mail_events (message_key, recipient, kind, status, source, job_id, detail)
+  VALUES (%(key)s, %(recipient)s, %(kind)s, %(status)s, %(source)s, %(job_id)s, %(detail)s)
+  ON CONFLICT (message_key, recipient) DO NOTHING
+  RETURNING recipient, job_id
+), suppressed AS (
+  INSERT INTO suppressions AS s (email, reason, source, job_id, detail)
+  SELECT recipient, %(suppress)s, %(source)s, job_id, %(detail)s
+    FROM event
+   WHERE %(suppress)s::text IS NOT NULL AND recipient <> ''
+  ON CONFLICT (email) DO UPDATE
+     SET reason = EXCLUDED.reason, source = EXCLUDED.source, job_id = EXCLUDED.job_id,
+         detail = EXCLUDED.detail, created_at = now(), expires_at = NULL
+   WHERE s.expires_at IS NOT NULL AND s.expires_at <= now()
+  RETURNING email
+), bounced AS (
+  UPDATE jobs SET status = 'bounced', last_error = %(error)s
+    FROM event
+   WHERE %(bounce)s AND jobs.job_id = event.job_id AND jobs.status = 'completed'
+  RETURNING jobs.job_id
+)
+SELECT (SELECT count(*) FROM event) AS recorded,
+       (SELECT count(*) FROM suppressed) AS suppressed,
+       (SELECT count(*) FROM bounced) AS bounced;
+
+-- ops_after_send --
+-- Rates over the last %(since)s seconds: mails that left us (completed or
+-- bounced, by end_time), hard bounces (DSN failed with 5.x.x, 5.1.x at RCPT) and
+-- complaints (mail_events_received_idx, jobs_finished_idx, jobs_other_finished_idx).
+SELECT (SELECT count(*) FROM jobs
+         WHERE status = 'completed' AND end_time >= LOCALTIMESTAMP - %(since)s * interval '1 second')
+       + (SELECT count(*) FROM jobs
+           WHERE status = 'bounced' AND end_time >= LOCALTIMESTAMP - %(since)s * interval '1 second')
+         AS sent,
+       (SELECT count(*) FROM mail_events
+         WHERE received_at >= now() - %(since)s * interval '1 second'
+           AND (kind = 'rejected' OR (kind = 'failed' AND status LIKE '5.%%'))) AS bounces,
+       (SELECT count(*) FROM mail_events
+         WHERE received_at >= now() - %(since)s * interval '1 second'
+           AND kind = 'complaint') AS complaints;
+
+-- ops_suppressions_by_reason --
+-- Addresses suppressed now, per reason (expired rows left out).
+SELECT reason, count(*) AS addresses
+  FROM suppressions
+ WHERE expires_at IS NULL OR expires_at > now()
+ GROUP BY reason;
+
+-- ops_latest_suppressions --
+-- The dashboard's table: the latest %(limit)s suppressions, newest first.
+SELECT email, reason, source, job_id, detail, created_at, expires_at
+  FROM suppressions
+ ORDER BY created_at DESC
+ LIMIT %(limit)s;
+
+-- suppress_by_link --
+-- The unsubscribe server: a signed one-click POST for %(email)s from job
+-- %(job_id)s (NULL in the row when the job has been deleted since). As suppress,
+-- but reading no column but email and expires_at (its role may read no more).
+INSERT INTO suppressions AS s (email, reason, source, job_id, detail)
+SELECT %(email)s, 'unsubscribe', 'link', (SELECT job_id FROM jobs WHERE job_id = %(job_id)s),
+       %(detail)s
+ON CONFLICT (email) DO UPDATE
+   SET reason = 'unsubscribe', source = 'link',
+       job_id = (SELECT job_id FROM jobs WHERE job_id = %(job_id)s),
+       detail = %(detail)s, created_at = now(), expires_at = NULL
+ WHERE s.expires_at IS NOT NULL AND s.expires_at <= now();

@@ -18,6 +18,10 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mailqueue_worker') THEN
     CREATE ROLE mailqueue_worker NOLOGIN;
   END IF;
+  -- mailqueue_unsubscribe: python -m mailqueue unsubscribe-server (one-click links).
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mailqueue_unsubscribe') THEN
+    CREATE ROLE mailqueue_unsubscribe NOLOGIN;
+  END IF;
 END
 $$;
 
@@ -38,7 +42,8 @@ GRANT USAGE ON SEQUENCE attachments_attachment_id_seq TO mailqueue_app;
 -- through the queue. They cannot insert or delete jobs, nor change a mail's
 -- address, subject or content.
 GRANT SELECT ON jobs TO mailqueue_worker;
-GRANT UPDATE (status, start_time, end_time, attempts, last_error, run_at) ON jobs
+GRANT UPDATE (status, start_time, end_time, attempts, last_error, run_at,
+              deferrals, deferred_since, pending_recipients) ON jobs
   TO mailqueue_worker;
 -- (UPDATE on queue only because SELECT ... FOR UPDATE requires it; no query updates it.)
 GRANT SELECT, INSERT, UPDATE, DELETE ON queue TO mailqueue_worker;
@@ -60,3 +65,29 @@ GRANT SELECT ON attachments TO mailqueue_worker;
 -- which only the owner (or a role you grant DELETE ON jobs) may do.
 GRANT SELECT ON mailqueue_status_counts, mailqueue_per_minute, mailqueue_failures
   TO mailqueue_worker;
+
+-- Several relays (docs/relays.md): the consumers share each relay's health and
+-- its quota's hourly counts; the rate limit per relay is a bucket of send_rate
+-- (granted above), and the worker may add one for each relay.
+GRANT SELECT, INSERT, UPDATE ON relays TO mailqueue_worker;
+GRANT SELECT, INSERT, UPDATE, DELETE ON relay_usage TO mailqueue_worker;
+GRANT INSERT ON send_rate TO mailqueue_worker;
+
+-- After the 250 (docs/suppressions.md). The scripts read the suppression list
+-- (the consumer's batch screen), add to it (a 5.1.x at RCPT, bounces, complaints,
+-- python -m mailqueue suppress) and remove from it (suppress remove); they log
+-- what came back in mail_events and mark jobs bounced (status, last_error above).
+GRANT SELECT, INSERT, UPDATE, DELETE ON suppressions TO mailqueue_worker;
+GRANT SELECT, INSERT ON mail_events TO mailqueue_worker;
+GRANT USAGE ON SEQUENCE mail_events_event_id_seq TO mailqueue_worker;
+
+-- The unsubscribe server: it adds an address to the list, nothing else. INSERT,
+-- and for INSERT ... ON CONFLICT (email) DO UPDATE ... WHERE the row has expired:
+-- SELECT on the two columns it checks and UPDATE of the columns it rewrites (never
+-- the address). It checks that the link's job still exists: SELECT (job_id) on jobs,
+-- no address, subject or body.
+GRANT INSERT ON suppressions TO mailqueue_unsubscribe;
+GRANT SELECT (email, expires_at) ON suppressions TO mailqueue_unsubscribe;
+GRANT UPDATE (reason, source, job_id, detail, created_at, expires_at) ON suppressions
+  TO mailqueue_unsubscribe;
+GRANT SELECT (job_id) ON jobs TO mailqueue_unsubscribe;

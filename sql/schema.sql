@@ -121,6 +121,19 @@ BEGIN
     ('jobs', 'expires_at', 'TIMESTAMPTZ'),
     -- the application's key: INSERT ... ON CONFLICT (idempotency_key) DO NOTHING
     ('jobs', 'idempotency_key', 'VARCHAR'),
+    -- what to do when the content went out and no final reply came (the server
+    -- may have the mail): 'retry' (send it again: a duplicate is possible) or
+    -- 'hold' (the job ends 'uncertain' and is never sent again by itself)
+    ('jobs', 'on_uncertain', 'VARCHAR NOT NULL DEFAULT ''retry'''),
+    -- the envelope recipients that still wait for their answer, after a
+    -- transaction in which the server accepted some and refused others for now;
+    -- NULL: every recipient of the job (nothing was delivered yet)
+    ('jobs', 'pending_recipients', 'TEXT[]'),
+    -- times in a row the job was put back without spending an attempt (the relay
+    -- throttled, or a recipient was refused for now); past queue.max_deferrals,
+    -- or queue.max_defer_time after deferred_since, the next one spends an attempt
+    ('jobs', 'deferrals', 'INTEGER NOT NULL DEFAULT 0'),
+    ('jobs', 'deferred_since', 'TIMESTAMPTZ'),
     -- the consumer whose claim the row is under; NULL: waiting for one
     ('queue', 'claimed_by', 'INTEGER'),
     -- when that claim was made
@@ -145,24 +158,51 @@ $$;
 -- The statuses, as people read them in pgAdmin:
 --   available  ready to be queued (the seed's default for a new job)
 --   queued     in the queue table, waiting for or being sent by a consumer
---   completed  the SMTP server accepted the mail
---   failed     the last attempt failed for a reason that may pass; retried at run_at
+--   completed  the SMTP server accepted the mail (for every recipient that can have it)
+--   failed     waiting to be tried again at run_at: the last attempt failed for a
+--              reason that may pass, or a recipient was refused for now (deferred)
 --   dead       given up: permanent rejection, bad input, or attempts exhausted
+--   uncertain  the content went out and no final reply came, and the job says
+--              on_uncertain = 'hold': never sent again by itself (requeue sends it)
+--   suppressed never sent: its address is on the suppression list
+--   bounced    sent, then a delivery status notification said it failed for good
 -- A constraint is added NOT VALID first, so that existing rows never stop the
 -- script; it is then validated, and a warning names the problem if that fails.
+-- A constraint whose definition grew (new statuses) is dropped first and added again.
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_constraint
+              WHERE conrelid = 'jobs'::regclass AND conname = 'jobs_status_known'
+                AND pg_get_constraintdef(oid) NOT LIKE '%bounced%') THEN
+    ALTER TABLE jobs DROP CONSTRAINT jobs_status_known;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_constraint
+              WHERE conrelid = 'deliveries'::regclass AND conname = 'deliveries_outcome_known'
+                AND pg_get_constraintdef(oid) NOT LIKE '%deferred%') THEN
+    ALTER TABLE deliveries DROP CONSTRAINT deliveries_outcome_known;
+  END IF;
+END
+$$;
 DO $$
 DECLARE
   con RECORD;
 BEGIN
   FOR con IN SELECT * FROM (VALUES
-    -- a job is always in one of the five statuses above
+    -- a job is always in one of the eight statuses above
     ('jobs', 'jobs_status_known',
-     'CHECK (status IS NOT NULL AND status IN (''available'', ''queued'', ''completed'', ''failed'', ''dead''))'),
+     'CHECK (status IS NOT NULL AND status IN (''available'', ''queued'', ''completed'', ''failed'', ''dead'', ''uncertain'', ''suppressed'', ''bounced''))'),
     -- attempts only ever count up from zero
     ('jobs', 'jobs_attempts_not_negative', 'CHECK (attempts >= 0)'),
-    -- a delivery's outcome is one of the three a send attempt can have
+    -- deferrals only ever count up from zero (and back to zero)
+    ('jobs', 'jobs_deferrals_not_negative', 'CHECK (deferrals >= 0)'),
+    -- what to do with an outcome that is not known: send again, or hold
+    ('jobs', 'jobs_on_uncertain_known', 'CHECK (on_uncertain IN (''retry'', ''hold''))'),
+    -- a delivery's outcome: sent, failed (an attempt spent, retried later), dead
+    -- (given up), deferred (put back without spending an attempt: the relay
+    -- throttled, or a recipient was refused for now), uncertain (no final reply;
+    -- the job holds), suppressed (an address dropped by the suppression list)
     ('deliveries', 'deliveries_outcome_known',
-     'CHECK (outcome IN (''sent'', ''failed'', ''dead''))'),
+     'CHECK (outcome IN (''sent'', ''failed'', ''dead'', ''deferred'', ''uncertain'', ''suppressed''))'),
     -- a queue row always names a job
     ('queue', 'queue_job_id_present', 'CHECK (job_id IS NOT NULL)'),
     -- a queue row names a job that exists; deleting a job removes it from the queue
@@ -335,7 +375,11 @@ BEGIN
     ('deliveries_job_id_idx', 'ON deliveries (job_id)'),
     -- Attempts by when they ended: per-minute sent and failed, the latest
     -- failures, the per-outcome counts of /metrics, over a window.
-    ('deliveries_finished_idx', 'ON deliveries (finished_at, outcome)')
+    ('deliveries_finished_idx', 'ON deliveries (finished_at, outcome)'),
+    -- The other finished statuses (uncertain, suppressed, bounced): their counts
+    -- and prune's search, without scanning the history of completed jobs.
+    ('jobs_other_finished_idx',
+     'ON jobs (status, end_time) WHERE status IN (''uncertain'', ''suppressed'', ''bounced'')')
     -- (attachments_job_id_idx, above, serves prune's deletes of attachments.)
   ) AS wanted(name, definition)
   LOOP
@@ -355,10 +399,11 @@ DECLARE
 BEGIN
   FOR v IN SELECT * FROM (VALUES
     ('mailqueue_status_counts',
-     'How many jobs are in each of the five statuses, zeros included (mailqueue view v1)',
+     'How many jobs are in each of the eight statuses, zeros included (mailqueue view v2)',
      -- One count per status, each written out so that it reads a partial index
      -- (available and failed: jobs_ready_by_priority_idx; queued: jobs_queued_idx;
-     -- completed and dead: jobs_finished_idx) instead of scanning the history.
+     -- completed and dead: jobs_finished_idx; the others: jobs_other_finished_idx)
+     -- instead of scanning the history.
      $v$
 SELECT 'available'::varchar AS status,
        (SELECT count(*) FROM jobs WHERE status = 'available') AS jobs
@@ -370,6 +415,12 @@ UNION ALL
 SELECT 'failed', (SELECT count(*) FROM jobs WHERE status = 'failed')
 UNION ALL
 SELECT 'dead', (SELECT count(*) FROM jobs WHERE status = 'dead')
+UNION ALL
+SELECT 'uncertain', (SELECT count(*) FROM jobs WHERE status = 'uncertain')
+UNION ALL
+SELECT 'suppressed', (SELECT count(*) FROM jobs WHERE status = 'suppressed')
+UNION ALL
+SELECT 'bounced', (SELECT count(*) FROM jobs WHERE status = 'bounced')
 $v$),
     ('mailqueue_per_minute',
      'Each minute of the last hour: mails sent, attempts failed (failed or dead) and the lag p50/p95 in seconds (mailqueue view v2)',
@@ -437,6 +488,227 @@ $v$)
        OR obj_description(to_regclass(v.name), 'pg_class') IS DISTINCT FROM v.note THEN
       EXECUTE format('CREATE OR REPLACE VIEW %I AS %s', v.name, v.definition);
       EXECUTE format('COMMENT ON VIEW %I IS %L', v.name, v.note);
+    END IF;
+  END LOOP;
+END
+$$;
+
+
+-- =============================================================================
+-- Several relays: routes per job, relay health and quotas shared by every
+-- consumer (issue 19; docs/relays.md)
+-- =============================================================================
+
+-- relays: the health of each relay named in the configuration, shared by every
+-- consumer of the database, so that one consumer's failure spares the others the
+-- same timeout. A row is made for each relay when a consumer starts.
+--   up         down_until IS NULL
+--   down       down_until IS NOT NULL: left alone until down_until; after it, one
+--              consumer at a time may try it (probe_until: that try's deadline),
+--              and the others see it down until the try marks it up or down again.
+CREATE TABLE IF NOT EXISTS relays (
+  name VARCHAR PRIMARY KEY,             -- as in the configuration's relays object
+  down_until TIMESTAMPTZ,               -- NULL: up
+  last_error TEXT,                      -- why it was last marked down (kept once up again)
+  probe_until TIMESTAMPTZ,              -- a consumer is trying it until then
+  changed_at TIMESTAMPTZ NOT NULL DEFAULT now()  -- when it last went down or came back up
+);
+
+-- relay_usage: the mails each relay was given, one row per relay per hour, for
+-- its daily_quota (a rolling 24 hours, counted over at most 25 rows).
+CREATE TABLE IF NOT EXISTS relay_usage (
+  relay VARCHAR NOT NULL,
+  hour TIMESTAMPTZ NOT NULL,            -- date_trunc('hour', ...): the hour they went in
+  sent INTEGER NOT NULL DEFAULT 0,      -- mails given to the relay in that hour
+  PRIMARY KEY (relay, hour)
+);
+
+-- Columns for relays, added as the ones above are.
+DO $$
+DECLARE
+  col RECORD;
+BEGIN
+  FOR col IN SELECT * FROM (VALUES
+    -- the route (configuration: routes) the job goes by; NULL: the route "default"
+    ('jobs', 'route', 'VARCHAR'),
+    -- the relay this attempt went to; NULL: not known (written before relays)
+    ('deliveries', 'relay', 'VARCHAR')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = col.tbl::regclass AND attname = col.name
+                     AND NOT attisdropped) THEN
+      EXECUTE format('ALTER TABLE %I ADD COLUMN %I %s', col.tbl, col.name, col.definition);
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- Their invariants, added NOT VALID then validated, as above.
+DO $$
+DECLARE
+  con RECORD;
+BEGIN
+  FOR con IN SELECT * FROM (VALUES
+    -- a probe is only ever held on a relay that is down
+    ('relays', 'relays_probe_only_when_down',
+     'CHECK (probe_until IS NULL OR down_until IS NOT NULL)'),
+    -- mails given back never take an hour below zero
+    ('relay_usage', 'relay_usage_sent_not_negative', 'CHECK (sent >= 0)')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = con.tbl::regclass AND conname = con.name) THEN
+      EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I %s NOT VALID',
+                     con.tbl, con.name, con.definition);
+      BEGIN
+        EXECUTE format('ALTER TABLE %I VALIDATE CONSTRAINT %I', con.tbl, con.name);
+      EXCEPTION WHEN check_violation OR foreign_key_violation THEN
+        RAISE WARNING 'existing rows of % break constraint %; new rows are checked, fix the old ones and run this script again',
+          con.tbl, con.name;
+      END;
+    END IF;
+  END LOOP;
+END
+$$;
+
+
+-- =============================================================================
+-- After the 250: the suppression list, bounces and complaints read back,
+-- one-click unsubscribe (issue 20; docs/suppressions.md)
+-- =============================================================================
+
+-- suppressions: one row per address that must not be mailed. pgAdmin users add
+-- and remove rows by hand (email is the primary key, so rows can be edited);
+-- the address is stored trimmed and lower-cased by the trigger below, whoever
+-- writes it. A row whose expires_at has passed no longer suppresses anything.
+CREATE TABLE IF NOT EXISTS suppressions (
+  email VARCHAR PRIMARY KEY,            -- the address, lower-cased
+  reason VARCHAR NOT NULL DEFAULT 'manual',  -- hard_bounce, complaint, unsubscribe or manual
+  source VARCHAR NOT NULL DEFAULT 'manual',  -- smtp, dsn, arf, link, cli, manual (pgAdmin) ...
+  job_id INTEGER,                       -- the job that caused it; NULL for manual rows
+  detail TEXT,                          -- the server's (or the person's) words
+  created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  expires_at TIMESTAMPTZ                -- NULL: never
+);
+
+-- mail_events: what came back after the 250, one row per report and recipient:
+-- DSNs read from the bounce mailbox (kind failed, delayed, delivered, relayed,
+-- expanded), ARF complaints (complaint), and 5.1.x refusals at RCPT (rejected).
+-- The unique (message_key, recipient) makes reading a mailbox twice change
+-- nothing: the event and its effects are written in one statement.
+CREATE TABLE IF NOT EXISTS mail_events (
+  event_id BIGSERIAL PRIMARY KEY,
+  message_key VARCHAR NOT NULL,         -- sha256 of the report's bytes; smtp:JOB for RCPT
+  recipient VARCHAR NOT NULL DEFAULT '',  -- the address the report is about, lower-cased
+  kind VARCHAR NOT NULL,                -- failed, delayed, delivered, relayed, expanded, complaint, rejected
+  status VARCHAR,                       -- the enhanced status code, e.g. 5.1.1
+  source VARCHAR NOT NULL,              -- dsn, arf or smtp
+  job_id INTEGER,                       -- the job it is about, when found
+  detail TEXT,                          -- Diagnostic-Code, Feedback-Type ...
+  received_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- The jobs' own switches (NULL-free, default off: the seed's INSERT is unchanged).
+DO $$
+DECLARE
+  col RECORD;
+BEGIN
+  FOR col IN SELECT * FROM (VALUES
+    -- add List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) with a signed link
+    ('jobs', 'unsubscribe', 'BOOLEAN NOT NULL DEFAULT false'),
+    -- send even if the address is suppressed (a password reset to a complainer)
+    ('jobs', 'ignore_suppression', 'BOOLEAN NOT NULL DEFAULT false')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = col.tbl::regclass AND attname = col.name
+                     AND NOT attisdropped) THEN
+      EXECUTE format('ALTER TABLE %I ADD COLUMN %I %s', col.tbl, col.name, col.definition);
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- Named constraints, added NOT VALID then validated, as above.
+DO $$
+DECLARE
+  con RECORD;
+BEGIN
+  FOR con IN SELECT * FROM (VALUES
+    ('suppressions', 'suppressions_reason_known',
+     'CHECK (reason IN (''hard_bounce'', ''complaint'', ''unsubscribe'', ''manual''))'),
+    -- deleting a job keeps the suppression it caused, without its job
+    ('suppressions', 'suppressions_job_id_fkey',
+     'FOREIGN KEY (job_id) REFERENCES jobs (job_id) ON DELETE SET NULL'),
+    ('mail_events', 'mail_events_kind_known',
+     'CHECK (kind IN (''failed'', ''delayed'', ''delivered'', ''relayed'', ''expanded'', ''complaint'', ''rejected''))'),
+    ('mail_events', 'mail_events_job_id_fkey',
+     'FOREIGN KEY (job_id) REFERENCES jobs (job_id) ON DELETE SET NULL')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = con.tbl::regclass AND conname = con.name) THEN
+      EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I %s NOT VALID',
+                     con.tbl, con.name, con.definition);
+      BEGIN
+        EXECUTE format('ALTER TABLE %I VALIDATE CONSTRAINT %I', con.tbl, con.name);
+      EXCEPTION WHEN check_violation OR foreign_key_violation THEN
+        RAISE WARNING 'existing rows of % break constraint %; new rows are checked, fix the old ones and run this script again',
+          con.tbl, con.name;
+      END;
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- Addresses are compared lower-cased: a row typed in pgAdmin as
+-- ' Someone@Example.COM' is stored as 'someone@example.com'.
+CREATE OR REPLACE FUNCTION mailqueue_suppressions_lower() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+BEGIN
+  NEW.email := lower(btrim(NEW.email));
+  RETURN NEW;
+END
+$$;
+
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                 WHERE tgrelid = 'suppressions'::regclass
+                   AND tgname = 'suppressions_lower_email') THEN
+    CREATE TRIGGER suppressions_lower_email
+      BEFORE INSERT OR UPDATE OF email ON suppressions
+      FOR EACH ROW EXECUTE PROCEDURE mailqueue_suppressions_lower();
+  END IF;
+END
+$$;
+
+-- Indexes, created only if the catalog lacks them (as above).
+DO $$
+DECLARE
+  idx RECORD;
+BEGIN
+  FOR idx IN SELECT * FROM (VALUES
+    -- Reading a mailbox twice records each report once (the ON CONFLICT target).
+    ('mail_events_message_key', 'UNIQUE INDEX %I ON mail_events (message_key, recipient)'),
+    -- Rates over a window: events by when they came, per kind.
+    ('mail_events_received_idx', 'INDEX %I ON mail_events (received_at, kind)'),
+    -- The dashboard's latest suppressions, and the counts by reason.
+    ('suppressions_created_idx', 'INDEX %I ON suppressions (created_at)'),
+    -- The jobs a DSN or a complaint may name (deleting a job sets them NULL).
+    ('mail_events_job_id_idx', 'INDEX %I ON mail_events (job_id) WHERE job_id IS NOT NULL'),
+    -- Partial: only the rows that name a job (manual ones do not), for the
+    -- foreign key's SET NULL when a job is deleted.
+    ('suppressions_job_id_idx', 'INDEX %I ON suppressions (job_id) WHERE job_id IS NOT NULL')
+    -- (jobs_other_finished_idx, above, serves the counts of suppressed and
+    -- bounced jobs and the bounced ones of the rates.)
+  ) AS wanted(name, definition)
+  LOOP
+    IF to_regclass(idx.name) IS NULL THEN
+      EXECUTE format('CREATE ' || idx.definition, idx.name);
     END IF;
   END LOOP;
 END

@@ -216,7 +216,11 @@ def scripts(tmp_path):
 def roles(postgres, database):
     """sql/roles.sql under names of this test's own, and a login role for each."""
     suffix = uuid.uuid4().hex[:8]
-    names = {"mailqueue_app": "mqtest_app_" + suffix, "mailqueue_worker": "mqtest_worker_" + suffix}
+    names = {
+        "mailqueue_app": "mqtest_app_" + suffix,
+        "mailqueue_worker": "mqtest_worker_" + suffix,
+        "mailqueue_unsubscribe": "mqtest_unsub_" + suffix,
+    }
     script = open(os.path.join(ROOT, "sql", "roles.sql"), encoding="utf-8").read()
     for name, unique in names.items():
         script = script.replace(name, unique)

@@ -236,3 +236,41 @@ def test_the_page_in_headless_chromium_shows_the_counts_draws_its_charts_and_ref
         data = screenshot.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000
         print("dashboard screenshot: %s" % screenshot)
+
+
+def test_the_page_and_metrics_show_bounce_and_complaint_rates_and_suppressions(
+    db, make_config, tmp_path
+):
+    from helpers import query
+
+    for n in range(20):
+        finished_job(db, "completed", "ok%d@example.com" % n, ago=120)
+    query(
+        db,
+        "INSERT INTO mail_events (message_key, recipient, kind, status, source) VALUES "
+        "('sha256:a', 'ok0@example.com', 'failed', '5.1.1', 'dsn'), "
+        "('sha256:b', 'ok1@example.com', 'failed', '5.1.1', 'dsn'), "
+        "('sha256:c', 'ok2@example.com', 'complaint', NULL, 'arf')",
+    )
+    query(
+        db,
+        "INSERT INTO suppressions (email, reason, source, detail) VALUES "
+        "('ok0@example.com', 'hard_bounce', 'dsn', '550 5.1.1 <ok0@example.com>: User unknown'), "
+        "('ok1@example.com', 'hard_bounce', 'dsn', NULL), "
+        "('ok2@example.com', 'complaint', 'arf', 'feedback-type: abuse')",
+    )
+    with Dashboard(make_config(), tmp_path) as dashboard:
+        status, _, page = dashboard.get("/")
+        assert status == 200
+        # 2 bounces in 20 mails: 10%, over SES's 5%; 1 complaint: 5%, over 0.1%
+        assert re.search(r'class="tile over" id="bounce-rate" data-rate="0.1">.*?10.00%', page)
+        assert re.search(r'class="tile over" id="complaint-rate" data-rate="0.05"', page)
+        assert re.search(r'id="suppressed-addresses">.*?<div class="value">3<', page)
+        assert "o***@example.com" in page and "ok0@example.com" not in page
+        assert "550 5.1.1 &lt;...@...&gt;: User unknown" in page
+        values = metric_values(dashboard.get("/metrics")[2])
+        assert values[("mailqueue_suppressions", (("reason", "hard_bounce"),))] == 2
+        assert values[("mailqueue_suppressions", (("reason", "complaint"),))] == 1
+        assert values[("mailqueue_suppressions", (("reason", "unsubscribe"),))] == 0
+        assert values[("mailqueue_bounce_rate", ())] == pytest.approx(0.1)
+        assert values[("mailqueue_complaint_rate", ())] == pytest.approx(0.05)

@@ -21,7 +21,13 @@ PARAMS = {
     "errors": [None, "451 try later"],
     "delays": [0.0, 60.0],
     "codes": [250, 451],
-    "started": [0.0, 0.0],
+    "elapsed": [0.0, 0.0],
+    "deferred": [0, 0],
+    "pending": [None, None],
+    "deliveries": ["sent", "failed"],
+    "relays": ["default", "default"],
+    "budget": 256 * 1024 * 1024,
+    "alone": True,
 }
 
 
@@ -121,6 +127,8 @@ OPS_QUERIES = [
     "ops_requeue",
     "ops_prune_count",
     "ops_prune_batch",
+    "ops_relays",
+    "ops_relay_deliveries_since",
 ]
 
 

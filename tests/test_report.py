@@ -124,6 +124,10 @@ def test_report_json_on_a_known_history(db, history, make_config):
         "lag_seconds",
         "oldest_waiting_seconds",
         "failures",
+        "bounce_rate",
+        "complaint_rate",
+        "suppressed",
+        "relays",
     ]
     assert report["statuses"] == dict({s: 0 for s in STATUSES}, **status_counts(db))
     assert report["statuses"]["queued"] == 1 and set(report["statuses"]) == set(STATUSES)
@@ -160,6 +164,10 @@ def test_report_on_an_empty_queue_has_zeros_and_nulls(make_config):
         "lag_seconds": {"p50": None, "p95": None, "max": None},
         "oldest_waiting_seconds": None,
         "failures": [],
+        "bounce_rate": None,
+        "complaint_rate": None,
+        "suppressed": {"hard_bounce": 0, "complaint": 0, "unsubscribe": 0, "manual": 0},
+        "relays": {},
     }
 
 
@@ -195,3 +203,42 @@ def test_durations_are_whole_days_hours_or_minutes():
     for bad in ("", "15", "15s", "15M", " 15m", "15m ", "0h", "1e3m", "١٥m"):
         with pytest.raises(durations.BadDuration):
             durations.parse(bad)
+
+
+def test_report_gives_bounce_and_complaint_rates_and_the_suppressions(db, make_config):
+    """Forty mails sent in the window; two came back (a DSN, a 5.1.1 at RCPT), one
+    drew a complaint; and one bounce older than the window is not counted."""
+    from helpers import query
+
+    for n in range(38):
+        finished_job(db, "completed", "ok%d@example.com" % n, ago=120)
+    bounced = [finished_job(db, "completed", "b%d@example.com" % n, ago=120) for n in range(2)]
+    query(db, "UPDATE jobs SET status = 'bounced' WHERE job_id = %s", (bounced[0],))
+    query(
+        db,
+        "INSERT INTO mail_events (message_key, recipient, kind, status, source, job_id, "
+        "received_at) VALUES "
+        "('sha256:a', 'b0@example.com', 'failed', '5.1.1', 'dsn', %(b0)s, now()), "
+        "('smtp:x', 'b1@example.com', 'rejected', '5.1.1', 'smtp', %(b1)s, now()), "
+        "('sha256:b', 'ok1@example.com', 'complaint', NULL, 'arf', NULL, now()), "
+        "('sha256:c', 'ok2@example.com', 'delayed', '4.2.0', 'dsn', NULL, now()), "
+        "('sha256:d', 'ok3@example.com', 'failed', '5.1.1', 'dsn', NULL, "
+        " now() - interval '3 hours')",
+        {"b0": bounced[0], "b1": bounced[1]},
+    )
+    query(
+        db,
+        "INSERT INTO suppressions (email, reason, expires_at) VALUES "
+        "('b0@example.com', 'hard_bounce', NULL), ('b1@example.com', 'hard_bounce', NULL), "
+        "('ok1@example.com', 'complaint', NULL), "
+        "('gone@example.com', 'manual', now() - interval '1 minute')",
+    )
+    report = report_json(make_config, "--since", "1h")
+    assert report["bounce_rate"] == pytest.approx(2 / 40)
+    assert report["complaint_rate"] == pytest.approx(1 / 40)
+    assert report["suppressed"] == {"hard_bounce": 2, "complaint": 1, "unsubscribe": 0, "manual": 0}
+    assert report["statuses"]["bounced"] == 1
+
+    words = mailqueue("report", "--config", make_config()).stdout
+    assert "bounce rate       5.00%  (Amazon SES reviews at 5.00%)" in words
+    assert "complaint rate    2.50%" in words and "Gmail wants under 0.30%" in words
