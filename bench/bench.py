@@ -18,6 +18,14 @@ each mail arrives. The remote relay is smtp-sink behind bench/delay_proxy.c, a
 proxy that delays every chunk 25 ms each way (compiled here with cc; without
 one, the asyncio bench/delay_proxy.py, which costs more CPU).
 
+For issues 17-19: `poison` (2,000 mails beside one job whose recipient
+bench/poison_sink.py answers 451/450 at RCPT for ever, each reply in turn, and
+without it), `dblatency` (the delay proxy in front of PostgreSQL: 0, 2, 10 ms
+each way), `bigattach` (64 jobs of 15 MB at N=32: peak PSS, first mail, all
+intact), `tworelays` (round robin over two delayed relays beside one; skipped
+while the consumer refuses a `relays` config) and `enqueue`
+(bench/enqueue_rate.py, when there).
+
 With --baseline REF the files of that commit are exported (git archive) into
 bench/output/ and its consumer and producer run on a database made with its own
 schema, in turns with today's.
@@ -29,6 +37,8 @@ printed beside the latency figures, whose tail it sets.
 """
 
 import argparse
+import dataclasses
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -41,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import psycopg2
 
@@ -141,10 +152,15 @@ def sink_ceiling(port, total):
     return total / (time.monotonic() - started)
 
 
-def _sink_process(port, conn, quota):
+def _sink_process(port, conn, quota, poison, digest):
     """In its own process: a TimingSink (or a QuotaSink of `quota` mails/s),
-    reporting (arrival times by recipient, throttled replies) when told to stop."""
-    if quota:
+    reporting (arrival times by recipient, throttled replies) when told to stop;
+    or, given `poison` (a dict, maybe empty), a PoisonSink, reporting its report()."""
+    if poison is not None:
+        from poison_sink import PoisonSink
+
+        sink = PoisonSink(port, poison, digest)
+    elif quota:
         from quota_sink import QuotaSink
 
         sink = QuotaSink(port, quota)
@@ -153,24 +169,29 @@ def _sink_process(port, conn, quota):
     conn.send("ready")
     conn.recv()  # until told to stop
     sink.close()
-    conn.send((dict(sink.arrivals), getattr(sink, "throttled", 0)))
+    if poison is not None:
+        conn.send(sink.report())
+    else:
+        conn.send((dict(sink.arrivals), getattr(sink, "throttled", 0)))
 
 
 class SinkProcess:
-    """A timing (or quota) sink in a daemon process: should a run fail, it is
-    stopped with the bench, not waited for."""
+    """A timing (or quota, or poison) sink in a daemon process: should a run
+    fail, it is stopped with the bench, not waited for. `poison`: {address: reply
+    at RCPT} for bench/poison_sink.py ({} for the same server without poison),
+    `digest`: it hashes each mail's largest part."""
 
-    def __init__(self, quota=None):
+    def __init__(self, quota=None, poison=None, digest=False):
         self.port = free_port()
         self.ours, theirs = multiprocessing.Pipe()
         self.proc = multiprocessing.Process(
-            target=_sink_process, args=(self.port, theirs, quota), daemon=True
+            target=_sink_process, args=(self.port, theirs, quota, poison, digest), daemon=True
         )
         self.proc.start()
         self.ours.recv()
 
     def stop(self):
-        """(arrival times by recipient, throttled replies)."""
+        """(arrival times by recipient, throttled replies); a poison sink's report()."""
         self.ours.send("stop")
         result = self.ours.recv()
         self.proc.join()
@@ -246,24 +267,29 @@ class Lab:
     def admin(self, sql):
         run_sql(self.pg.dsn(), sql)
 
-    def fresh(self, build, smtp_port=None, queue=None):
+    def fresh(self, build, smtp_port=None, queue=None, database_port=None):
         """A new database from the build's template; (connection, config path)."""
         self.count += 1
         name = "bench_%d" % self.count
         self.admin("CREATE DATABASE %s TEMPLATE %s" % (name, build.template))
         conn = psycopg2.connect(self.pg.dsn(name))
         conn.autocommit = True
-        return conn, self.config(conn, smtp_port, queue)
+        return conn, self.config(conn, smtp_port, queue, database_port)
 
-    def config(self, conn, smtp_port=None, queue=None):
+    def config(self, conn, smtp_port=None, queue=None, database_port=None):
         """The path of a config file for the scripts: conn's database, the SMTP
-        server on smtp_port (default: the throughput sink), the `queue` section."""
+        server on smtp_port (default: the throughput sink), the `queue` section.
+        With database_port (a delay proxy in front of PostgreSQL), the scripts'
+        queries go through that port and LISTEN goes direct (listen_database)."""
         name, port = conn.info.dbname, smtp_port or self.smtp_port
         path = os.path.join(self.folder, "%s-%d.json" % (name, port))
         settings = {
             "database": self.pg.settings_for(name),
             "smtp": {"host": "127.0.0.1", "port": port},
         }
+        if database_port:
+            settings["database"]["port"] = database_port
+            settings["listen_database"] = {"port": self.pg.port}
         if queue:
             settings["queue"] = queue
         with open(path, "w") as f:
@@ -725,6 +751,281 @@ def relay(lab, build, proxy_port, proxy, concurrency, count):
     return run, (process_cpu(proxy.pid) - proxy_before) / count * 1e6
 
 
+# --------------------------------------------------------------------------- issues 17-19
+
+
+def load_average():
+    """The 1-minute load average, to print beside a figure (taken as its run
+    ends): on this shared machine it says whether the run had a busy minute."""
+    return os.getloadavg()[0]
+
+
+POISON = "poison@example.com"
+# The replies of issue 18: (label, the line the poison recipient's RCPT gets).
+POISON_REPLIES = (
+    ("451 4.3.0 generic", b"451 4.3.0 Try again later"),
+    ("450 4.2.0 greylisted", b"450 4.2.0 Greylisted, please try again later"),
+    (
+        "450 4.2.1 Gmail rate",
+        b"450 4.2.1 The user you are trying to contact is receiving mail at a rate that "
+        b"prevents additional messages from being delivered.",
+    ),
+)
+
+
+@dataclasses.dataclass
+class PoisonRun:
+    """What a poison() run showed."""
+
+    normal: int  # normal mails queued
+    done: int  # of them completed when the run ended
+    rate: float  # their mails/s, first to last arrival at the sink
+    elapsed: float  # s from the consumer's start until they were all done (or the timeout)
+    poison: Optional[tuple]  # (status, attempts, deliveries rows, last_error); None: no poison
+    refused: int  # RCPTs the sink refused to the poison recipient
+    load: float  # the load average as the run ended
+
+    def poison_text(self):
+        if self.poison is None:
+            return "(no poison job)"
+        status, attempts, deliveries, error = self.poison
+        return "poison job: %s, attempts %d, %d deliveries rows, %d RCPTs refused%s" % (
+            status,
+            attempts,
+            deliveries,
+            self.refused,
+            "; last_error %r" % error[:60] if error else "",
+        )
+
+
+def poison(lab, build, count, reply, timeout=600.0):
+    """`count` normal mails, and one job for POISON whose RCPT is answered
+    `reply` for ever (None: no such job), served by a consumer and a producer
+    (the failed jobs' retries go through the producer) against the same
+    bench/poison_sink.py either way, until the normal mails are all completed;
+    a PoisonRun. The poison job's state is read at that moment."""
+    sink = SinkProcess(poison={POISON: reply} if reply else {})
+    conn, config = lab.fresh(build, smtp_port=sink.port)
+    cur = conn.cursor()
+    if reply:  # first, so that it is in the first claims
+        cur.execute(
+            "INSERT INTO jobs (email, subject, content_message) VALUES (%s, %s, %s)",
+            (POISON, "Độc", BODY),
+        )
+    insert_jobs(conn, count)
+    subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
+    log = open(os.path.join(lab.folder, "%s.log" % conn.info.dbname), "w")
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(build.script(name, "--config", config), stderr=log)
+        for name in ("consumer.py", "producer.py")
+    ]
+    try:
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            cur.execute(
+                "SELECT count(*) FROM jobs WHERE status = 'completed' AND email <> %s", (POISON,)
+            )
+            done = cur.fetchone()[0]
+            if done >= count or procs[0].poll() is not None:  # done, or the consumer died
+                break
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        state = None
+        if reply:
+            cur.execute(
+                "SELECT j.status, j.attempts, (SELECT count(*) FROM deliveries d "
+                "WHERE d.job_id = j.job_id), j.last_error FROM jobs j WHERE j.email = %s",
+                (POISON,),
+            )
+            state = cur.fetchone()
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+        log.close()
+    seen = sink.stop()
+    conn.close()
+    _, _, rate = per_second(t for address, t in seen["arrivals"].items() if address != POISON)
+    return PoisonRun(
+        count, done, rate, elapsed, state, seen["refused"].get(POISON, 0), load_average()
+    )
+
+
+def db_latency(lab, build, delay_ms, count, concurrency=32):
+    """Burn down `count` mails to the local C sink with the consumer's (and the
+    producer's) database queries through bench/delay_proxy.c, `delay_ms` each
+    way (None: direct); LISTEN goes direct (listen_database). A Run."""
+    proxy = proxy_port = None
+    if delay_ms is not None:
+        proxy_port, proxy, _ = start_delay_proxy(lab.folder, lab.pg.port, delay_ms)
+    try:
+        conn, config = lab.fresh(build, database_port=proxy_port)
+        try:
+            run = burn_down(
+                lab,
+                build,
+                count,
+                build.consumer("--concurrency", str(concurrency)),
+                database=(conn, config),
+            )
+            run.load = load_average()
+            return run
+        finally:
+            conn.close()
+    finally:
+        if proxy:
+            proxy.kill()
+            proxy.wait()
+
+
+@dataclasses.dataclass
+class BigRun:
+    """What a big_attachments() run showed."""
+
+    jobs: int
+    peak_pss: float  # MB, the consumer's processes together, sampled every 0.25 s
+    first: Optional[float]  # s from the consumer's start to the first mail's arrival
+    total: float  # s from its start until it exited (--drain)
+    intact: int  # mails whose attachment arrived with the original's SHA-256
+    sizes: tuple  # (smallest, largest) mail in MB, as the sink counted it
+    returncode: int
+    load: float  # the load average as the run ended
+
+
+def big_attachments(lab, build, jobs, megabytes, concurrency=32, timeout=1200.0):
+    """`jobs` jobs with one attachment of `megabytes` MB of random bytes each,
+    drained by a consumer at `concurrency` (defaults otherwise) into
+    bench/poison_sink.py, which hashes each mail's attachment. A BigRun."""
+    sink = SinkProcess(poison={}, digest=True)
+    conn, config = lab.fresh(build, smtp_port=sink.port)
+    blob = os.urandom(megabytes * 2**20)
+    cur = conn.cursor()
+    cur.execute(
+        "INSERT INTO jobs (email, subject, content_message) "
+        "SELECT 'big' || i || '@example.com', 'Tệp lớn ' || i, %s FROM generate_series(1, %s) i",
+        (BODY, jobs),
+    )
+    cur.execute(
+        "INSERT INTO attachments (job_id, filename, content_type, content) "
+        "SELECT min(job_id), 'report.bin', 'application/octet-stream', %s FROM jobs",
+        (psycopg2.Binary(blob),),
+    )
+    cur.execute(  # the same bytes for the others, copied inside PostgreSQL
+        "INSERT INTO attachments (job_id, filename, content_type, content) "
+        "SELECT j.job_id, a.filename, a.content_type, a.content FROM jobs j, attachments a "
+        "WHERE j.job_id <> a.job_id"
+    )
+    expected = hashlib.sha256(blob).hexdigest()
+    del blob
+    subprocess.run(build.script("producer.py", "--config", config, "--once"), check=True)
+    cur.execute("CHECKPOINT")  # the inserts' writes are not the run's
+    started, wall = time.monotonic(), time.time()
+    proc = subprocess.Popen(build.consumer("--concurrency", str(concurrency))(config))
+    peak = 0.0
+    try:
+        while proc.poll() is None and time.monotonic() - started < timeout:
+            peak = max(peak, pss_mb(proc.pid))
+            time.sleep(0.25)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    total = time.monotonic() - started
+    seen = sink.stop()
+    conn.close()
+    arrivals = seen["arrivals"].values()
+    sizes = [size / 2**20 for size in seen["sizes"].values()] or [0.0]
+    return BigRun(
+        jobs,
+        peak,
+        min(arrivals) - wall if arrivals else None,
+        total,
+        sum(1 for digest in seen["digests"].values() if digest == expected),
+        (min(sizes), max(sizes)),
+        proc.returncode,
+        load_average(),
+    )
+
+
+def relays_config(lab, conn, relay_ports, concurrency):
+    """The path of a config naming several relays (issue 19's format), one
+    route `default` over all of them in round robin."""
+    name = conn.info.dbname
+    path = os.path.join(lab.folder, "%s-relays.json" % name)
+    settings = {
+        "database": lab.pg.settings_for(name),
+        "relays": {
+            relay_name: {"host": "127.0.0.1", "port": port}
+            for relay_name, port in relay_ports.items()
+        },
+        "routes": {"default": {"relays": sorted(relay_ports), "strategy": "round_robin"}},
+        "queue": {"concurrency": concurrency},
+    }
+    with open(path, "w") as f:
+        json.dump(settings, f)
+    return path
+
+
+def relays_refused(lab, build, relay_ports):
+    """None if the build's consumer takes a config of several relays (it drains an
+    empty queue and exits 0), else (why skipped, its last error line): a build
+    without them exits 1 at start-up ("unknown key relays")."""
+    conn, _ = lab.fresh(build)
+    path = relays_config(lab, conn, relay_ports, 128)
+    conn.close()
+    probe = subprocess.Popen(
+        build.consumer()(path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its processes are stopped together if it hangs
+    )
+    try:
+        _, errors = probe.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(probe.pid, signal.SIGKILL)
+        probe.wait()
+        return "skipped: the consumer hung with the relays config", "killed after 120 s"
+    if not probe.returncode:
+        return None
+    line = (errors.strip().splitlines() or ["exit code %d" % probe.returncode])[-1]
+    if probe.returncode == 1:
+        return "skipped: this build has no relays config", line
+    return "skipped: the consumer failed with the relays config", line
+
+
+def two_relays(lab, build, relay_ports, count, concurrency=128):
+    """Drain `count` jobs over the relays {name: port} in round robin with
+    `concurrency` mails in flight (from the config, not a flag); a Run."""
+    conn, _ = lab.fresh(build)
+    path = relays_config(lab, conn, relay_ports, concurrency)
+    try:
+        return burn_down(lab, build, count, build.consumer(), database=(conn, path))
+    finally:
+        conn.close()
+
+
+def enqueue_rate(quick):
+    """bench/enqueue_rate.py's output lines (run as it is, in its own process),
+    or None when that file is not there."""
+    script = os.path.join(ROOT, "bench", "enqueue_rate.py")
+    if not os.path.exists(script):
+        return None
+    with open(script, encoding="utf-8") as f:
+        takes_quick = "--quick" in f.read()
+    done = subprocess.run(
+        [sys.executable, script] + (["--quick"] if quick and takes_quick else []),
+        capture_output=True,
+        text=True,
+    )
+    lines = done.stdout.rstrip().splitlines()
+    if done.returncode:
+        lines += ["exited with %d: %s" % (done.returncode, done.stderr.strip()[-300:])]
+    return lines
+
+
 def per_second(times):
     """(mails in each whole second since the first, the most in any one-second
     window, the mean rate from first to last)."""
@@ -880,6 +1181,11 @@ SCENARIOS = (
     "rate",
     "quota",
     "build",
+    "poison",
+    "dblatency",
+    "bigattach",
+    "tworelays",
+    "enqueue",
 )
 EXTRA = ("profile",)  # only when named in --only
 
@@ -930,6 +1236,11 @@ def main():
             quota_jobs=450,
             turns=1,
             relay={4: 400, 32: 2000, 128: 6000},
+            poison=2000,
+            poison_turns=1,
+            dblatency=2000,
+            big_jobs=32,
+            two_relays=6000,
         )
         if args.quick
         else dict(
@@ -944,6 +1255,11 @@ def main():
             quota_jobs=900,
             turns=3,
             relay={4: 1000, 32: 6000, 128: 20_000},
+            poison=2000,
+            poison_turns=2,
+            dblatency=6000,
+            big_jobs=64,
+            two_relays=20_000,
         )
     )
 
@@ -964,6 +1280,7 @@ def main():
 
     stolen_in_run = StolenTime()
     proxy = None
+    helpers = []  # more sinks and proxies, stopped at the end
     try:
         print(
             "PostgreSQL %s (default durability), smtp-sink, %d cores, Python %s%s"
@@ -1200,6 +1517,109 @@ def main():
                     "",
                     "%d bytes" % size_bytes,
                 )
+        if "poison" in only:  # issue 18
+            measures = [lambda: poison(lab, new, size["poison"], None)] + [
+                (lambda reply=reply: poison(lab, new, size["poison"], reply))
+                for _, reply in POISON_REPLIES
+            ]
+            results = in_turns(size["poison_turns"], *measures)
+            labels = ["none"] + [label for label, _ in POISON_REPLIES]
+            base = statistics.median(run.rate for run in results[0])
+            for label, runs in zip(labels, results):
+                for run in runs:
+                    row(
+                        "12. poison (%s), %d normal mails" % (label, run.normal),
+                        "%.0f mails/s" % run.rate
+                        + ("" if run.done == run.normal else ", %d done" % run.done),
+                        "",
+                        "all done in %.1f s; %s; load %.1f"
+                        % (run.elapsed, run.poison_text(), run.load),
+                    )
+                if label != "none":
+                    median = statistics.median(run.rate for run in runs)
+                    row(
+                        "   median, %s" % label,
+                        "%.0f mails/s, %.0f%% of none" % (median, median / base * 100),
+                        ">= 90% of none",
+                        "none: %.0f mails/s (median)" % base,
+                    )
+        if "dblatency" in only:  # issue 17
+            delays = (None, 0, 2, 10)
+            results = in_turns(
+                size["turns"],
+                *[
+                    (lambda delay=delay: db_latency(lab, new, delay, size["dblatency"]))
+                    for delay in delays
+                ],
+            )
+            base = statistics.median(run.rate for run in results[1])  # 0 ms
+            for delay, runs in zip(delays, results):
+                rate = statistics.median(run.rate for run in runs)
+                mid = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
+                row(
+                    "13. database %s, N=32, %d mails"
+                    % ("direct" if delay is None else "%d ms each way" % delay, mid.mails),
+                    "%.0f mails/s" % rate,
+                    "10 ms: >= 80% of 0 ms" if delay == 10 else "",
+                    "%.0f%% of 0 ms; %d conns; %s" % (rate / base * 100, mid.connections, cpu(mid)),
+                )
+                row(
+                    "   runs, in turns (load as each ended)",
+                    " ".join("%.0f" % run.rate for run in runs),
+                    "",
+                    " ".join("%.1f" % run.load for run in runs),
+                )
+        if "bigattach" in only:  # issue 17
+            run = big_attachments(lab, new, size["big_jobs"], 15)
+            row(
+                "14. %d x 15 MB attachments, N=32: peak PSS" % run.jobs,
+                "%.0f MB" % run.peak_pss,
+                "< 1 GB",
+                "whole consumer, sampled every 0.25 s; load %.1f" % run.load,
+            )
+            row(
+                "   first mail after / all done in",
+                "%s / %.1f s" % ("none" if run.first is None else "%.1f" % run.first, run.total),
+                "",
+                "exit code %d" % run.returncode,
+            )
+            row(
+                "   arrived intact (attachment's SHA-256)",
+                "%d of %d" % (run.intact, run.jobs),
+                "all",
+                "mails of %.1f-%.1f MB" % run.sizes,
+            )
+        if "tworelays" in only:  # issue 19
+            ports = {}
+            for name in ("a", "b"):
+                sink_port, sink_proc = start_smtp_sink()
+                helpers.append(sink_proc)
+                relay_port, relay_proc, _ = start_delay_proxy(folder, sink_port, 25)
+                helpers.append(relay_proc)
+                ports[name] = relay_port
+            count = size["two_relays"]
+            refused = relays_refused(lab, new, ports)
+            if refused:
+                row("15. two relays, round robin, N=128", refused[0], "", refused[1][:100])
+            else:
+                one, two = in_turns(
+                    1,
+                    lambda: relay(lab, new, ports["a"], helpers[1], 128, count)[0],
+                    lambda: two_relays(lab, new, ports, count),
+                )
+                row(
+                    "15. two relays 50 ms RTT, round robin, N=128, %d mails" % count,
+                    "%.0f/s, %d conns, %.0f MB" % (two[0].rate, two[0].connections, two[0].pss),
+                    "within 10% of one relay",
+                    "one relay: %.0f/s, %d conns, %.0f MB; load %.1f"
+                    % (one[0].rate, one[0].connections, one[0].pss, load_average()),
+                )
+        if "enqueue" in only:
+            lines = enqueue_rate(args.quick)
+            if lines is None:
+                row("16. enqueue rate", "missing: no bench/enqueue_rate.py in this build")
+            for line in lines or ():
+                row("16. enqueue", line)
         if "profile" in only:
             for build in [new] + ([old] if old else []):
                 found = profile(lab, build, size["burn"], folder)
@@ -1230,9 +1650,9 @@ def main():
                     row("   %5.1f%% %6.1f µs/mail" % (share * 100, micros), frame[:110])
         row("CPU time stolen by the host, whole run", "%.1f%%" % (stolen_in_run.share() * 100))
     finally:
-        if proxy:
-            proxy.kill()
-            proxy.wait()
+        for helper in ([proxy] if proxy else []) + helpers:
+            helper.kill()
+            helper.wait()
         lab.stop()
         sink.kill()
     with open(os.path.join(folder, "results.txt"), "w") as f:
