@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import sys
 from typing import TYPE_CHECKING
 
 from mailqueue import config as configuration
 from mailqueue import db, doorbell, smtp
+from mailqueue.backoff import Backoff
 
 if TYPE_CHECKING:
     import argparse
@@ -54,17 +54,16 @@ def wait_for_database(config: configuration.Config, stop: doorbell.Stop, what: s
     not up yet (refused, timed out, a name that does not resolve yet) is waited
     for, one log line per try; what waiting cannot fix (a password refused, no
     such database, the schema not applied) ends the script with one line."""
-    delay = doorbell.RECONNECT_DELAY_MIN
+    backoff = Backoff(doorbell.RECONNECT_DELAY_MIN, doorbell.RECONNECT_DELAY_MAX)
     while not stop.requested:
         try:
             conn = db.connect(config.database, "mailqueue %s (start-up check)" % what)
         except db.DatabaseUnavailable as exc:
             if exc.fatal:
                 raise SystemExit("error: cannot connect to the %s" % exc) from None
-            wait = delay * random.uniform(1.0, 1.5)
+            wait = backoff.next()
             log.warning("waiting for the %s; trying again in %.1f s", exc, wait)
             stop.sleep(wait)
-            delay = min(delay * 2, doorbell.RECONNECT_DELAY_MAX)
             continue
         try:
             ready = db.run(conn, "schema_ready")[0][0]
@@ -103,7 +102,7 @@ def wait_for_smtp(config: configuration.Config, stop: doorbell.Stop) -> None:
         if len(fatal) == len(relays):  # no relay can ever be used: nothing to wait for
             raise SystemExit("error: %s" % "; ".join(fatal))
         return
-    delay = doorbell.RECONNECT_DELAY_MIN
+    backoff = Backoff(doorbell.RECONNECT_DELAY_MIN, doorbell.RECONNECT_DELAY_MAX)
     sender = smtp.Sender(relays[0])
     while not stop.requested:
         try:
@@ -112,9 +111,8 @@ def wait_for_smtp(config: configuration.Config, stop: doorbell.Stop) -> None:
         except smtp.SmtpUnavailable as exc:
             if not exc.retryable:
                 raise SystemExit("error: %s" % exc) from None
-            wait = delay * random.uniform(1.0, 1.5)
+            wait = backoff.next()
             log.warning("waiting for the SMTP server: %s; trying again in %.1f s", exc, wait)
             stop.sleep(wait)
-            delay = min(delay * 2, doorbell.RECONNECT_DELAY_MAX)
         finally:
             sender.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -21,6 +20,7 @@ import pgnotify
 import pgnotify.notify
 
 from mailqueue import db, smtp
+from mailqueue.backoff import Backoff
 
 if TYPE_CHECKING:
     import multiprocessing.context
@@ -172,10 +172,10 @@ def run_until_stopped(serve: Callable[[Callable[[], None]], bool], stop: Stop, w
     database or SMTP server that goes away, or is not up yet, is waited for with
     exponential backoff, one log line per try; serve calls working() once its
     connections work, and the next wait starts from the shortest again."""
-    delay = [RECONNECT_DELAY_MIN]
+    backoff = Backoff(RECONNECT_DELAY_MIN, RECONNECT_DELAY_MAX)
 
     def working() -> None:
-        delay[0] = RECONNECT_DELAY_MIN
+        backoff.reset()
 
     while not stop.requested:
         try:
@@ -192,7 +192,6 @@ def run_until_stopped(serve: Callable[[Callable[[], None]], bool], stop: Stop, w
             if not exc.retryable:
                 raise
             problem = str(exc)
-        wait = delay[0] * random.uniform(1.0, 1.5)
+        wait = backoff.next()
         log.warning("%s: %s; trying again in %.1f s", what, problem, wait)
         stop.sleep(wait)
-        delay[0] = min(delay[0] * 2, RECONNECT_DELAY_MAX)

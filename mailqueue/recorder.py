@@ -21,12 +21,12 @@ claims (mailqueue/claims.py).
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from mailqueue import db
+from mailqueue.backoff import Backoff
 from mailqueue.outcomes import Outcome
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class Recorder:
 
     def _commit(self, group: list[tuple[Outcome, Ticket]]) -> None:
         outcomes = [o for o, _ in group]
-        delay = RETRY_MIN
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
             try:
                 conn = self._connection()
@@ -151,8 +151,7 @@ class Recorder:
                         len(outcomes),
                     )
                     return
-                self._wait_beating(delay * random.uniform(1.0, 1.5))
-                delay = min(delay * 2, RETRY_MAX)
+                self._wait_beating(backoff.next())
         self.trouble.over("outcomes are recorded again")
         with self.claims.changed:
             for _, ticket in group:
