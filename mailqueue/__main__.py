@@ -4,6 +4,7 @@
     requeue   --status dead|failed [--job ID ...] [--since DURATION] [--dry-run]
     prune     --older-than DURATION [--dry-run] delete old completed and dead jobs
     dashboard [--host 127.0.0.1] [--port 8025]  a web page and GET /metrics
+    template  render NAME [--locale L] --context ctx.json | list   stored templates
 
 Each takes --config PATH (default config.json) and --log-level, like the scripts.
 Durations are 30d, 12h or 15m; anything else is one line and exit code 2, before
@@ -16,7 +17,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from mailqueue import admin, cli, dashboard, db, durations, report
+from mailqueue import admin, cli, dashboard, db, durations, report, template_command
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("requeue", admin.add_requeue_arguments, "put dead or failed jobs back"),
         ("prune", admin.add_prune_arguments, "delete old completed and dead jobs"),
         ("dashboard", dashboard.add_arguments, "a web page and Prometheus metrics"),
+        ("template", template_command.add_arguments, "preview and list stored templates"),
     ):
         command = commands.add_parser(name, help=about, description=about)
         cli.add_common_arguments(command)
@@ -62,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return report.run(args, config, seconds)  # type: ignore[arg-type]
     if args.command == "dashboard":
         return dashboard.run(args, config)
+    if args.command == "template":
+        return template_command.run(args, config)
     conn = report.connect(config, "mailqueue %s" % args.command)
     try:
         if args.command == "requeue":

@@ -12,6 +12,15 @@ from mailqueue.sqlfile import QUERIES, SQL_DIR, load_queries  # noqa: F401
 
 log = logging.getLogger(__name__)
 
+# What a lost or unreachable server raises; the caller reconnects.
+CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+Error = psycopg2.Error  # anything a query can raise
+
+# TCP keepalives find a connection whose server or network died silently.
+_CONNECT_OPTIONS = dict(
+    connect_timeout=10, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3
+)
+
 # No query is PREPAREd: SQL-level PREPARE breaks behind a pooler in transaction
 # mode (the next transaction may run on another server connection), and the hot
 # queries each carry many mails (a claimed batch, a group of outcomes), so parsing

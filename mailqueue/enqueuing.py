@@ -142,11 +142,12 @@ def enqueue_many(
             raise ValueError("mail %d: %s" % (number, exc)) from None
         except ValueError as exc:
             raise type(exc)("mail %d: %s" % (number, exc)) from None
-    return write(conn, checked)
+    return write(conn, checked, numbered=True)
 
 
-def write(conn: Any, checked: list[CheckedMail]) -> list[int | None]:
-    """Write checked mails (see check) on `conn`; their job_ids, in order."""
+def write(conn: Any, checked: list[CheckedMail], numbered: bool = False) -> list[int | None]:
+    """Write checked mails (see check) on `conn`; their job_ids, in order.
+    numbered: an error names the mail by its position."""
     if not checked:
         return []
     column_types: dict[str, str] = {}
@@ -157,7 +158,7 @@ def write(conn: Any, checked: list[CheckedMail]) -> list[int | None]:
                 if name not in column_types:
                     raise ValueError(
                         "%s%s: jobs has no such column"
-                        % ("mail %d: " % number if len(checked) > 1 else "", name)
+                        % ("mail %d: " % number if numbered else "", name)
                     )
     job_ids: list[int | None] = [None] * len(checked)
     groups: dict[tuple[str, ...], list[int]] = {}
