@@ -34,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     render.add_argument(
         "--to", default=PREVIEW_RECIPIENT, help="the To address shown (default %(default)s)"
     )
-    actions.add_parser("list", help="every template, by name and locale")
+    listing = actions.add_parser("list", help="every template, by name and locale")
+    for action in (render, listing):  # --config after the action too (the command's own wins)
+        action.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        action.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace, config: Config) -> None:
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace, config: Config) -> None:
         if args.action == "list":
             print(listing(db.run_dicts(conn, "template_list")), end="")
             return
-        rows = templates.rows_of(db.run_dicts(conn, "template_named", name=args.name))
+        rows = templates.rows_of(db.run_dicts(conn, "template_named", template=args.name))
     except db.Error as exc:
         raise SystemExit("error: %s" % report.query_failed(exc, config.database)) from None
     finally:

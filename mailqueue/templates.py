@@ -94,7 +94,11 @@ class Renderer:
     compiled afresh and the old entry ages out."""
 
     def __init__(self, cache_size: int = CACHE_SIZE) -> None:
-        options: dict[str, Any] = dict(undefined=jinja2.StrictUndefined, auto_reload=False)
+        # The parts keep their last line break; the subject's source loses it
+        # (see compiled): a subject is one line.
+        options: dict[str, Any] = dict(
+            undefined=jinja2.StrictUndefined, auto_reload=False, keep_trailing_newline=True
+        )
         self.plain = ImmutableSandboxedEnvironment(autoescape=False, **options)
         self.escaped = ImmutableSandboxedEnvironment(autoescape=True, **options)
         self.cache: collections.OrderedDict[tuple[Any, ...], dict[str, Any]] = (
@@ -112,6 +116,8 @@ class Renderer:
         found = {}
         for part in PARTS:
             source = getattr(template, part)
+            if part == "subject" and source is not None:
+                source = source.rstrip("\r\n")  # typed in an editor, with a final newline
             env = self.escaped if part == "html" else self.plain
             try:
                 found[part] = None if source is None else env.from_string(source)

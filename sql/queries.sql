@@ -468,7 +468,7 @@ SELECT name, locale, updated_at, subject, text IS NOT NULL AS has_text,
 -- python -m mailqueue template render NAME: its locales.
 SELECT name, locale, subject, text, html, updated_at
   FROM templates
- WHERE name = %(name)s;
+ WHERE name = %(template)s;
 
 -- =============================================================================
 -- The Python way in: mailqueue.enqueue / enqueue_many (mailqueue/enqueuing.py),
