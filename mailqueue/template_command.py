@@ -97,7 +97,9 @@ def preview(config: Config, to: str, rendered: templates.Rendered) -> str:
 def listing(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no templates yet (INSERT INTO templates ...: see docs/templates.md)\n"
-    lines = ["%-24s %-8s %-5s %-5s %-20s %s" % ("name", "locale", "text", "html", "updated", "subject")]
+    lines = [
+        "%-24s %-8s %-5s %-5s %-20s %s" % ("name", "locale", "text", "html", "updated", "subject")
+    ]
     for row in rows:
         lines.append(
             "%-24s %-8s %-5s %-5s %-20s %s"

@@ -17,9 +17,7 @@ from django.conf import settings  # noqa: E402
 
 if not settings.configured:
     settings.configure(
-        DATABASES={
-            "default": {"ENGINE": "django.db.backends.postgresql", "NAME": "set per test"}
-        },
+        DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "NAME": "set per test"}},
         EMAIL_BACKEND="mailqueue.django.EmailBackend",
         DEFAULT_FROM_EMAIL="Shop <shop@example.org>",
         USE_TZ=True,
@@ -119,13 +117,15 @@ def test_a_message_with_several_recipients_reaches_each_once_and_hides_the_bcc(
         "lan@example.com",
         "minh@example.com",
     ], "each address exactly once"
-    for rcpts, sent in got:
+    for _, sent in got:
         raw = sent.as_bytes()
         assert b"audit@example.com" not in raw, "nobody sees the Bcc"
         assert sent["Reply-To"] == "help@example.org" and sent["X-Campaign"] == "tháng 11"
         files = {p.get_filename(): p for p in sent.walk() if p.get_filename()}
         assert files["hoá đơn.pdf"].get_content() == PDF
-        assert files["logo.png"].get_content() == LOGO and files["logo.png"]["Content-ID"] == "<logo>"
+        assert (
+            files["logo.png"].get_content() == LOGO and files["logo.png"]["Content-ID"] == "<logo>"
+        )
         assert sent.get_body(("html",)).get_content().startswith("<p>marker:multi")
     by_to = {m["To"]: rcpts for rcpts, m in got}
     assert by_to == {
@@ -171,8 +171,11 @@ def test_the_backend_serves_django_6_1_mailers(django_db, db, smtp, make_config,
     with override_settings(MAILERS=mailers):
         with transaction.atomic():
             assert mail.send_mail("M", "marker:mailers", None, ["lan@example.com"]) == 1
-            assert mail.mailers["queue"].send_messages(
-                [mail.EmailMessage("Q", "marker:queue", to=["minh@example.com"])]
-            ) == 1
+            assert (
+                mail.mailers["queue"].send_messages(
+                    [mail.EmailMessage("Q", "marker:queue", to=["minh@example.com"])]
+                )
+                == 1
+            )
     send_what_is_queued(scripts, make_config())
     assert copies(smtp) == {"mailers": 1, "queue": 1}

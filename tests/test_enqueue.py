@@ -33,7 +33,9 @@ def jobs(db):
 
 
 def received(smtp):
-    return [email.message_from_bytes(c, policy=email.policy.default) for _, _, c, _ in smtp.received]
+    return [
+        email.message_from_bytes(c, policy=email.policy.default) for _, _, c, _ in smtp.received
+    ]
 
 
 def test_a_rolled_back_mail_is_never_queued_and_a_committed_one_is_sent(
@@ -157,10 +159,18 @@ def test_enqueue_many_returns_each_job_id_in_order_and_gives_each_mail_its_own_f
     ids = mailqueue.enqueue_many(
         app_conn,
         [
-            dict(to="m0@example.com", text="marker:m0", attachments=[("zero.txt", b"0", "text/plain")]),
+            dict(
+                to="m0@example.com",
+                text="marker:m0",
+                attachments=[("zero.txt", b"0", "text/plain")],
+            ),
             dict(to="m1@example.com", text="marker:m1", idempotency_key="seen"),
             dict(to="m2@example.com", text="marker:m2", cc=["c2@example.com"], priority=5),
-            dict(to="m3@example.com", text="marker:m3", attachments=[("three.txt", b"3", "text/plain")]),
+            dict(
+                to="m3@example.com",
+                text="marker:m3",
+                attachments=[("three.txt", b"3", "text/plain")],
+            ),
             dict(to="m4@example.com", text="marker:m4", idempotency_key="new"),
             dict(to="m5@example.com", text="marker:m5", idempotency_key="new"),
         ],
@@ -196,16 +206,22 @@ def test_a_bad_mail_in_enqueue_many_is_named_and_nothing_is_written(app_conn, db
         )
     with pytest.raises(ValueError, match=r"^mail 1: txt: jobs has no such column"):
         mailqueue.enqueue_many(
-            app_conn, [dict(to="a@example.com", text="x"), dict(to="b@example.com", text="x", txt="x")]
+            app_conn,
+            [dict(to="a@example.com", text="x"), dict(to="b@example.com", text="x", txt="x")],
         )
-    with pytest.raises(ValueError, match=r"^mail 0: .*missing 1 required positional argument: 'to'"):
+    with pytest.raises(
+        ValueError, match=r"^mail 0: .*missing 1 required positional argument: 'to'"
+    ):
         mailqueue.enqueue_many(app_conn, [dict(text="x")])
     app_conn.commit()
     assert jobs(db) == 0
 
 
 def test_the_applications_own_columns_are_written_and_typed(app_conn, db):
-    query(db, "ALTER TABLE jobs ADD COLUMN tenant INTEGER, ADD COLUMN tags TEXT[], ADD COLUMN meta JSONB")
+    query(
+        db,
+        "ALTER TABLE jobs ADD COLUMN tenant INTEGER, ADD COLUMN tags TEXT[], ADD COLUMN meta JSONB",
+    )
     ids = mailqueue.enqueue_many(
         app_conn,
         [
@@ -215,9 +231,11 @@ def test_the_applications_own_columns_are_written_and_typed(app_conn, db):
         ],
     )
     app_conn.commit()
-    assert query(
-        db, "SELECT job_id, tenant, tags, meta FROM jobs ORDER BY job_id"
-    ) == [(ids[0], 7, ["vip", "vi"], {"k": [1]}), (ids[1], None, None, None), (ids[2], 8, None, None)]
+    assert query(db, "SELECT job_id, tenant, tags, meta FROM jobs ORDER BY job_id") == [
+        (ids[0], 7, ["vip", "vi"], {"k": [1]}),
+        (ids[1], None, None, None),
+        (ids[2], 8, None, None),
+    ]
 
 
 def test_enqueue_runs_in_a_sqlalchemy_transaction(postgres, database, db):
@@ -250,7 +268,8 @@ def test_mailqueue_imports_without_pgnotify_jinja2_or_django():
         "sys.modules['pgnotify'] = None  # any import of it fails\n"
         "import mailqueue\n"
         "assert callable(mailqueue.enqueue) and callable(mailqueue.enqueue_many)\n"
-        "print(sorted(m for m in ('jinja2', 'django', 'psycopg2', 'pgnotify') if sys.modules.get(m)))\n"
+        "names = ('jinja2', 'django', 'psycopg2', 'pgnotify')\n"
+        "print(sorted(m for m in names if sys.modules.get(m)))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60

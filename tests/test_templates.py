@@ -35,7 +35,9 @@ def templated_job(db, name, context, locale=None, email="lan@example.com"):
 
 
 def received(smtp):
-    return [email.message_from_bytes(c, policy=email.policy.default) for _, _, c, _ in smtp.received]
+    return [
+        email.message_from_bytes(c, policy=email.policy.default) for _, _, c, _ in smtp.received
+    ]
 
 
 def parts(mail):
@@ -60,7 +62,8 @@ def test_a_template_is_rendered_with_its_context_and_html_is_escaped_in_the_html
         "order",
         subject="Đơn hàng #{{ order.id }} cho {{ name }}",
         text="marker:{{ marker }}\nXin chào {{ name }}, {{ order.lines | length }} món.\n",
-        html="<p>Xin chào <b>{{ name }}</b></p>{% for i in order.lines %}<li>{{ i }}</li>{% endfor %}",
+        html="<p>Xin chào <b>{{ name }}</b></p>"
+        "{% for i in order.lines %}<li>{{ i }}</li>{% endfor %}",
     )
     name = "Lan <script>alert(1)</script> & co"
     context = {"marker": "tpl", "name": name, "order": {"id": 42, "lines": ["Bàn", "Ghế"]}}
@@ -250,7 +253,12 @@ def test_compiled_templates_are_cached_by_name_locale_and_updated_at():
 def test_template_render_prints_the_mail_as_it_would_go(db, make_config, tmp_path, scripts):
     add_template(db, "welcome", "", subject="Welcome {{ name }}", text="Hi {{ name }}!")
     add_template(
-        db, "welcome", "vi", subject="Chào {{ name }}", text="Chào {{ name }}!", html="<p>{{ name }}</p>"
+        db,
+        "welcome",
+        "vi",
+        subject="Chào {{ name }}",
+        text="Chào {{ name }}!",
+        html="<p>{{ name }}</p>",
     )
     config = make_config(smtp_overrides={"sender": "Shop <shop@example.org>"})
     context = tmp_path / "ctx.json"
@@ -259,7 +267,9 @@ def test_template_render_prints_the_mail_as_it_would_go(db, make_config, tmp_pat
     def mailqueue_cli(*args):
         return ops_helpers.mailqueue(*args, "--config", config)
 
-    shown = mailqueue_cli("template", "render", "welcome", "--locale", "vi-VN", "--context", str(context))
+    shown = mailqueue_cli(
+        "template", "render", "welcome", "--locale", "vi-VN", "--context", str(context)
+    )
     assert shown.returncode == 0, shown.stderr
     out = shown.stdout
     assert "From: Shop <shop@example.org>\n" in out
