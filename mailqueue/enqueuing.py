@@ -363,13 +363,16 @@ def _statement(
     params["file_of"] = [n for n, _ in files]
     for i, name in enumerate(("filename", "content_type", "content", "content_id")):
         params[name] = [f[i] for _, f in files]
+    for name, values in params.items():
+        if name != "content":  # bytea stays a list: the driver sends it as bytes
+            params[name] = _array_literal(values)
     sql = QUERIES["enqueue_jobs"]
     if extra_names:
         arrays, names, values = [], [], []
         for i, name in enumerate(extra_names):
             kind = column_types[name]
             key = "extra_%d" % i
-            params[key] = [_as_text(m.extra[name], kind, name) for m in mails]
+            params[key] = _array_literal([_as_text(m.extra[name], kind, name) for m in mails])
             alias = "x_%d" % i
             arrays.append(", %%(%s)s::text[]" % key)
             names.append(", " + alias)
@@ -382,6 +385,22 @@ def _statement(
             .replace("/*extra values*/", "".join(values))
         )
     return sql, params
+
+
+def _array_literal(values: list[Any]) -> str:
+    """A PostgreSQL array's text form, '{"a","b",NULL}', for values that are
+    str, int, datetime or None (each quoted, so any text survives): one string
+    for the driver to send, which PostgreSQL's array_in reads far faster than
+    psycopg2's ARRAY[...] of one literal per mail (enqueue_many's rate, bench/)."""
+    parts = []
+    for value in values:
+        if value is None:
+            parts.append("NULL")
+            continue
+        if not isinstance(value, str):
+            value = value.isoformat() if hasattr(value, "isoformat") else str(value)
+        parts.append('"%s"' % value.replace("\\", "\\\\").replace('"', '\\"'))
+    return "{%s}" % ",".join(parts)
 
 
 def _as_text(value: Any, kind: str, name: str) -> str | None:

@@ -294,3 +294,20 @@ def test_context_and_headers_are_stored_as_json_objects(app_conn, db):
     assert context == {"name": "Lan", "items": [{"sku": "A1", "qty": 2}], "note": "ký tự"}
     assert headers == {"X-Campaign": "tháng 11"} and locale == "vi-VN" and text is None
     assert json.loads(json.dumps(context)) == context
+
+
+def test_any_text_survives_the_trip_byte_for_byte(app_conn, db):
+    tricky = 'NULL "quoted" back\\slash {braces, commas} \' é 😀\ttab\nnew line'
+    ids = mailqueue.enqueue_many(
+        app_conn,
+        [
+            dict(to="a@example.com", subject="NULL", text=tricky, html=tricky),
+            dict(to="b@example.com", subject='"{x}"', text="\\", cc=['"A, B" <ab@example.com>']),
+        ],
+    )
+    app_conn.commit()
+    rows = query(db, "SELECT job_id, subject, content_message, html_message, cc FROM jobs")
+    assert sorted(rows) == [
+        (ids[0], "NULL", tricky, tricky, None),
+        (ids[1], '"{x}"', "\\", None, ['"A, B" <ab@example.com>']),
+    ]
