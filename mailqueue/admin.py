@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from psycopg2.extensions import connection
 
 BATCH = 1000  # jobs per transaction
-FINISHED = ("completed", "dead")
+FINISHED = ("completed", "dead", "uncertain", "suppressed", "bounced")
 
 
 class ProgressBar:
@@ -63,7 +63,7 @@ def requeue(
     batch: int = BATCH,
     stream: TextIO | None = None,
 ) -> int:
-    """Put the `status` jobs (dead or failed; among job_ids, last tried within
+    """Put the `status` jobs (dead, failed or uncertain; among job_ids, last tried within
     `since` seconds) back to available; how many (would be) put back."""
     selection = dict(status=status, job_ids=list(job_ids) if job_ids else None, since=since)
     [(total,)] = db.run(conn, "ops_requeue_count", **selection)
@@ -89,7 +89,7 @@ def prune(
     batch: int = BATCH,
     stream: TextIO | None = None,
 ) -> int:
-    """Delete completed and dead jobs whose end_time is more than `older_than`
+    """Delete finished jobs (FINISHED) whose end_time is more than `older_than`
     seconds ago; how many were (would be) deleted. Never any other job."""
     [(total,)] = db.run(conn, "ops_prune_count", older_than=older_than)
     if dry_run:
@@ -109,10 +109,12 @@ def prune(
                     limit=batch,
                 )
                 done += count
-                bar.update(done)
+                if count:  # the statuses with nothing to prune draw nothing
+                    bar.update(done)
                 if count < batch:
                     break
                 after = last
+        bar.update(done)
         return done
     finally:
         bar.close()
@@ -120,7 +122,10 @@ def prune(
 
 def add_requeue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--status", required=True, choices=["dead", "failed"], help="which jobs to put back"
+        "--status",
+        required=True,
+        choices=["dead", "failed", "uncertain"],
+        help="which jobs to put back",
     )
     parser.add_argument(
         "--job", type=int, nargs="+", metavar="ID", dest="jobs", help="only these jobs"
@@ -133,7 +138,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--older-than",
         required=True,
-        help="delete completed and dead jobs that ended longer ago: 30d, 12h, 15m",
+        help="delete finished jobs (completed, dead, uncertain, suppressed, bounced) "
+        "that ended longer ago: 30d, 12h, 15m",
     )
     parser.add_argument("--dry-run", action="store_true", help="delete nothing; print the count")
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
+
+if TYPE_CHECKING:
+    from mailqueue.jobs import Job
 
 
 def lease_margin(lease: float) -> float:
@@ -32,7 +35,8 @@ class Claims:
         self.changed = threading.Condition()  # notified on every heartbeat and outcome
         self.consumer_id: int | None = None
         # queue_id -> job, from the claim until its outcome is durable
-        self.held: dict[int, dict[str, Any]] = {}
+        self.held: dict[int, Job] = {}
+        self.bytes_held = 0  # attachment bytes of the jobs held (queue.max_claimed_bytes)
         self.lost: set[int] = set()  # queue_ids held that are no longer ours
         self.valid_until = 0.0
 
@@ -45,16 +49,20 @@ class Claims:
         self.valid_until = sent_at + self.lease - lease_margin(self.lease)
         self.changed.notify_all()
 
-    def add(self, jobs: Iterable[dict[str, Any]]) -> None:
+    def add(self, jobs: Iterable[Job]) -> None:
         with self.changed:
             for job in jobs:
-                self.held[job["queue_id"]] = job
+                if job.queue_id not in self.held:
+                    self.held[job.queue_id] = job
+                    self.bytes_held += job.attachment_bytes
 
     def forget(self, queue_ids: Iterable[int]) -> None:
         """Their outcomes are durable (or they were never ours)."""
         with self.changed:
             for queue_id in queue_ids:
-                self.held.pop(queue_id, None)
+                job = self.held.pop(queue_id, None)
+                if job is not None:
+                    self.bytes_held -= job.attachment_bytes
                 self.lost.discard(queue_id)
             self.changed.notify_all()
 
@@ -84,11 +92,6 @@ class Claims:
 
     def lease_holds(self) -> bool:
         return self.consumer_id is not None and self.clock() < self.valid_until
-
-    def may_send(self, queue_id: int) -> bool:
-        """Whether the content of this claim's mail may go now."""
-        with self.changed:
-            return queue_id not in self.lost and self.lease_holds()
 
     def wait(self, timeout: float | None) -> None:
         """Until something changes (a heartbeat, an outcome), or `timeout` seconds."""

@@ -74,6 +74,13 @@ class QueueSettings:
     processes: Optional[int] = None  # processes they are spread over; None: one per core
     rate_limit: Optional[float] = None  # mails per second across all consumers; None: no limit
     claim_lease: float = 10.0  # seconds a claim outlives its consumer's last heartbeat
+    # a job put back without spending an attempt (throttled, a recipient refused for
+    # now) spends one after this many times in a row, or once it has waited this long
+    max_deferrals: int = 10
+    max_defer_time: float = 3600.0  # seconds
+    # attachment bytes a consumer process holds at once (claimed and in flight); a
+    # claim takes fewer jobs when their files are big; one job larger goes alone
+    max_claimed_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,9 @@ _QUEUE_TYPES: dict[str, tuple[type, ...]] = {
     "processes": (int, type(None)),
     "rate_limit": (int, float, type(None)),
     "claim_lease": (int, float),
+    "max_deferrals": (int,),
+    "max_defer_time": (int, float),
+    "max_claimed_bytes": (int,),
 }
 _DATABASE_TYPES: dict[str, tuple[type, ...]] = {
     "database": (str,),
@@ -209,6 +219,12 @@ def from_dict(
             "%s: queue.rate_limit must be a positive number of mails per second "
             "(or null: no limit)" % path
         )
+    if queue.max_deferrals < 0:
+        raise ConfigError("%s: queue.max_deferrals must be 0 or more" % path)
+    if queue.max_defer_time <= 0:
+        raise ConfigError("%s: queue.max_defer_time must be a positive number of seconds" % path)
+    if queue.max_claimed_bytes < 1:
+        raise ConfigError("%s: queue.max_claimed_bytes must be at least 1" % path)
     if queue.claim_lease < 1:
         raise ConfigError("%s: queue.claim_lease must be at least 1 second" % path)
     if queue.retry_delay < 0 or queue.max_retry_delay < queue.retry_delay:

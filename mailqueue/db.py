@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
+import time
 from typing import Any
 
 import psycopg2
@@ -15,10 +19,19 @@ log = logging.getLogger(__name__)
 # What a lost or unreachable server raises; the caller reconnects.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 Error = psycopg2.Error  # anything a query can raise
+DataError = psycopg2.DataError  # a value the statement cannot take
+IntegrityError = psycopg2.IntegrityError  # a constraint the statement would break
 
-# TCP keepalives find a connection whose server or network died silently.
+# TCP keepalives find a connection whose server or network died silently while
+# it is idle (about 11 s); tcp_user_timeout while data waits for its
+# acknowledgement (10 s), where retransmissions alone would take minutes.
 _CONNECT_OPTIONS = dict(
-    connect_timeout=10, keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3
+    connect_timeout=10,
+    keepalives=1,
+    keepalives_idle=5,
+    keepalives_interval=2,
+    keepalives_count=3,
+    tcp_user_timeout=10000,
 )
 
 # No query is PREPAREd: SQL-level PREPARE breaks behind a pooler in transaction
@@ -33,9 +46,75 @@ _NO_FLUSH = "SET LOCAL synchronous_commit TO off; "
 
 
 class Connection(psycopg2.extensions.connection):
-    """A connection that knows whether its commits wait for the disk."""
+    """A connection that knows whether its commits wait for the disk, and how
+    long one round trip may take (`deadline`, seconds; None: no limit)."""
 
     no_flush = False
+    deadline: float | None = None
+
+
+class _Watchdog:
+    """Cuts the socket of a connection whose round trip outlives its deadline.
+
+    A network cut that a proxy or a middlebox hides (the packets acknowledged,
+    nothing forwarded) leaves a query waiting for ever: TCP keepalives and
+    tcp_user_timeout see nothing wrong. psycopg2 has no timeout of its own for a
+    round trip, so one thread per process watches them: past its deadline, the
+    connection's socket is shut down, the waiting query raises OperationalError,
+    and the caller reconnects as after any lost connection."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.watched: dict[int, tuple[float, Connection]] = {}
+        self.wakeup = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def watch(self, conn: Connection) -> int:
+        key = id(conn)
+        with self.lock:
+            self.watched[key] = (time.monotonic() + conn.deadline, conn)  # type: ignore[operator]
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="db-watchdog", daemon=True)
+                self.thread.start()
+        return key
+
+    def done(self, key: int) -> None:
+        with self.lock:
+            self.watched.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCH_STEP)
+            now = time.monotonic()
+            with self.lock:
+                late = [conn for at, conn in self.watched.values() if at < now]
+            for conn in late:
+                log.warning(
+                    "a database round trip took longer than %g s: the connection is given up",
+                    conn.deadline,
+                )
+                try:
+                    socket.socket(fileno=os.dup(conn.fileno())).shutdown(socket.SHUT_RDWR)
+                except (OSError, psycopg2.Error):
+                    pass
+                with self.lock:
+                    self.watched = {k: v for k, v in self.watched.items() if v[1] is not conn}
+
+
+WATCH_STEP = 0.5  # seconds between two looks of the watchdog
+_watchdog = _Watchdog()
+
+
+def _execute(cur: Any, conn: Any, sql: str, params: Any) -> None:
+    deadline = getattr(conn, "deadline", None)
+    if deadline is None:
+        cur.execute(sql, params)
+        return
+    key = _watchdog.watch(conn)
+    try:
+        cur.execute(sql, params)
+    finally:
+        _watchdog.done(key)
 
 
 def run(conn: psycopg2.extensions.connection, name: str, **params: Any) -> Any:
@@ -46,7 +125,7 @@ def run(conn: psycopg2.extensions.connection, name: str, **params: Any) -> Any:
     if getattr(conn, "no_flush", False):  # any psycopg2 connection will do
         sql = _NO_FLUSH + sql
     with conn.cursor() as cur:
-        cur.execute(sql, params or None)
+        _execute(cur, conn, sql, params or None)
         return cur.fetchall() if cur.description else cur.rowcount
 
 
@@ -55,7 +134,7 @@ def run_dicts(
 ) -> list[dict[str, Any]]:
     """run() for a query that returns rows: each row as a dict by column name."""
     with conn.cursor() as cur:
-        cur.execute(QUERIES[name], params or None)
+        _execute(cur, conn, QUERIES[name], params or None)
         names = [column.name for column in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
@@ -70,7 +149,10 @@ class DatabaseUnavailable(Exception):
 
 
 def connect(
-    database_settings: dict[str, Any], application_name: str, wait_for_flush: bool = True
+    database_settings: dict[str, Any],
+    application_name: str,
+    wait_for_flush: bool = True,
+    deadline: float | None = None,
 ) -> Connection:
     """A new autocommit connection with keepalives, or DatabaseUnavailable.
 
@@ -78,7 +160,10 @@ def connect(
     returns before its WAL reaches the disk. Only for writes that a crash may undo
     harmlessly: the producer's moves (a move undone leaves the job available; and
     a consumer's claim, which waits for the disk, makes every move before it
-    durable too, the WAL being one sequence)."""
+    durable too, the WAL being one sequence).
+
+    `deadline`: seconds one round trip may take before the connection is given
+    up (see _Watchdog); None for no limit."""
     try:
         conn = psycopg2.connect(
             application_name=application_name,
@@ -90,6 +175,7 @@ def connect(
         raise DatabaseUnavailable(describe(exc, database_settings), is_fatal(exc)) from None
     conn.autocommit = True
     conn.no_flush = not wait_for_flush
+    conn.deadline = deadline
     return conn
 
 

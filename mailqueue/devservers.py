@@ -348,8 +348,12 @@ class SmtpSink:
     to refuse the mail at DATA, SmtpSink.DROP to close the connection without a
     reply, or None to accept it; it may be a coroutine function (to be slow).
     mail_behaviour(session) is the same at MAIL FROM (session.mails counts the
-    mails accepted on that connection). Each envelope notes when its MAIL FROM
-    came (envelope.began), so that two copies of one mail in flight at once show.
+    mails accepted on that connection), rcpt_behaviour(address) at each RCPT TO.
+    Each envelope notes when its MAIL FROM came (envelope.began), so that two
+    copies of one mail in flight at once show. With max_connections, a client
+    past that many open connections is refused at the greeting as Postfix's
+    anvil does ("421 4.7.0 ... too many connections from ..."); `refused_at_greeting`,
+    `most_connections` and `quits` count what happened.
     """
 
     DROP = "drop the connection"
@@ -361,8 +365,17 @@ class SmtpSink:
         pipelining: bool = True,
         mail_behaviour: Callable[[Any], str | None] | None = None,
         port: int | None = None,
+        rcpt_behaviour: Callable[[str], str | None] | None = None,
+        max_connections: int | None = None,
         **controller_options: Any,
     ) -> None:
+        self.rcpt_behaviour = rcpt_behaviour
+        self.max_connections = max_connections
+        self.greeting = "421 4.7.0 sink.example.com Error: too many connections from 127.0.0.1"
+        self.connections = 0  # open now
+        self.most_connections = 0  # open at once, at most
+        self.refused_at_greeting = 0
+        self.quits = 0
         self.maildir = maildir
         self.pipelining = pipelining  # offer PIPELINING (RFC 2920), as Postfix does
         self.behaviour = behaviour
@@ -380,9 +393,30 @@ class SmtpSink:
     def start(self) -> SmtpSink:
         """Listen (again, on the same port after a stop)."""
         from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import SMTP
+
+        sink = self
+
+        class CappedSMTP(SMTP):
+            async def _handle_client(self) -> None:
+                if sink.max_connections is not None and sink.connections >= sink.max_connections:
+                    sink.refused_at_greeting += 1
+                    await self.push(sink.greeting)
+                    self.transport.close()  # type: ignore[union-attr]
+                    return
+                sink.connections += 1
+                sink.most_connections = max(sink.most_connections, sink.connections)
+                try:
+                    await super()._handle_client()
+                finally:
+                    sink.connections -= 1
+
+        class CappedController(Controller):
+            def factory(self) -> SMTP:
+                return CappedSMTP(self.handler, **self.SMTP_kwargs)
 
         self.port = self.port or free_port()
-        self.controller = Controller(
+        self.controller = CappedController(
             self, hostname="127.0.0.1", port=self.port, **self.controller_options
         )
         self.controller.start()
@@ -416,6 +450,20 @@ class SmtpSink:
         envelope.mail_options.extend(mail_options)
         envelope.began = time.time()
         return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        reply = self.rcpt_behaviour(address) if self.rcpt_behaviour else None
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        self.quits += 1
+        return "221 2.0.0 Bye"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         reply = self.behaviour(envelope) if self.behaviour else None

@@ -154,8 +154,7 @@ def wakeups(
                 stop.requested = True
             elif event is None:
                 reason = "timeout"
-                with listen_conn.cursor() as cur:
-                    cur.execute(db.QUERIES["keep_alive"])
+                db.run(listen_conn, "keep_alive")
                 if listen_conn.notifies:
                     del listen_conn.notifies[:]
                     reason = "notification"

@@ -19,6 +19,7 @@ stored, whatever the relays in between do with long lines, dots or NULs.
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import re
 import time
 import urllib.parse
@@ -48,6 +49,13 @@ class Mail:
     recipients: tuple[str, ...]  # envelope recipients (To, Cc and Bcc)
     smtputf8: bool  # an address needs SMTPUTF8
     data: bytes  # the whole message, CRLF line ends
+
+
+def with_recipients(mail: Mail, recipients: Sequence[str]) -> Mail:
+    """The same mail (the same bytes, the same Message-ID) to some of its
+    envelope recipients only: those still waiting after an earlier try."""
+    wanted = set(recipients)
+    return dataclasses.replace(mail, recipients=tuple(r for r in mail.recipients if r in wanted))
 
 
 class Composer:

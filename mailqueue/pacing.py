@@ -53,9 +53,6 @@ class TokenBucket:
         self.tokens -= granted
         return granted
 
-    def give_back(self, count: int) -> None:
-        self.tokens = min(self.burst, self.tokens + count)
-
     def wait_time(self) -> float:
         """Seconds until one whole token is there."""
         self._refill()
@@ -89,14 +86,15 @@ class Governor:
         return self.bucket.rate if self.bucket else None
 
     def sent(self) -> None:
-        now = self.clock()
-        self.sent_at.append(now)
-        while self.sent_at and self.sent_at[0] < now - MEASURE_WINDOW:
-            self.sent_at.popleft()
+        with self.lock:
+            now = self.clock()
+            self.sent_at.append(now)
+            while self.sent_at and self.sent_at[0] < now - MEASURE_WINDOW:
+                self.sent_at.popleft()
 
     def measured_rate(self) -> float:
         """Mails sent per second lately (over MEASURE_WINDOW, or since the first
-        of them if sending began more recently)."""
+        of them if sending began more recently). Called with the lock held."""
         now = self.clock()
         while self.sent_at and self.sent_at[0] < now - MEASURE_WINDOW:
             self.sent_at.popleft()

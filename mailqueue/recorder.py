@@ -24,10 +24,10 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from mailqueue import db
+from mailqueue.outcomes import Outcome
 
 if TYPE_CHECKING:
     import psycopg2.extensions
@@ -41,18 +41,6 @@ RETRY_MIN = 0.5  # seconds: first wait after a failed commit or heartbeat
 RETRY_MAX = 30.0  # seconds: the wait doubles up to this
 COMPLAIN_EVERY = 30.0  # seconds between two log lines about the same trouble
 MAX_ERROR_CHARS = 2000  # last_error is for people; a longer reason is cut
-
-
-@dataclass
-class Outcome:
-    queue_id: int
-    job_id: int
-    kind: str  # sent, failed, dead, released or dropped (see record_outcomes)
-    attempted: int = 0  # 1 when a send was attempted
-    error: Optional[str] = None
-    delay: float = 0.0  # failed: seconds until the retry
-    smtp_code: Optional[int] = None
-    started: Optional[float] = None  # time.time() when the attempt began
 
 
 class Ticket:
@@ -146,16 +134,11 @@ class Recorder:
         while True:
             try:
                 conn = self._connection()
-                db.run(
-                    conn,
-                    "record_outcomes",
-                    consumer=self.claims.consumer_id or -1,
-                    **_columns(outcomes),
-                )
-                if any(o.kind == "released" for o in outcomes):
-                    db.run(conn, "ring_consumers")  # rows are back: tell the others
+                self._record(conn, outcomes)
                 break
             except (db.Error, db.DatabaseUnavailable) as exc:
+                if _about_the_data(exc) and self._isolate(outcomes):
+                    break
                 self._lost(exc)
                 self.trouble.say(
                     "cannot record %d outcome(s) (%s); the mails wait, unsent, "
@@ -177,6 +160,44 @@ class Recorder:
         for _, ticket in group:
             ticket.durable.set()
         self.claims.forget([o.queue_id for o in outcomes])
+
+    def _record(self, conn: psycopg2.extensions.connection, outcomes: list[Outcome]) -> None:
+        db.run(
+            conn, "record_outcomes", consumer=self.claims.consumer_id or -1, **_columns(outcomes)
+        )
+        if any(o.kind == "released" for o in outcomes):
+            db.run(conn, "ring_consumers")  # rows are back: tell the others
+
+    def _isolate(self, outcomes: list[Outcome]) -> bool:
+        """A group refused for what one of its outcomes holds (not for the
+        connection): each is recorded alone, and one refused alone is recorded as
+        a failure carrying the error instead, so that the others are not held up
+        with it. True when every outcome is recorded."""
+        conn = self._connection()
+        for outcome in outcomes:
+            try:
+                self._record(conn, [outcome])
+            except db.CONNECTION_ERRORS:
+                return False
+            except db.Error as alone:
+                log.error(
+                    "job %s: its outcome cannot be recorded: %s", outcome.job_id, db.describe(alone)
+                )
+                plain = Outcome(
+                    outcome.queue_id,
+                    outcome.job_id,
+                    "failed",
+                    attempted=1,
+                    error="its outcome (%s) could not be recorded: %s"
+                    % (outcome.kind, db.describe(alone)),
+                    delay=60.0,
+                    delivery="failed",
+                )
+                try:
+                    self._record(conn, [plain])
+                except db.Error:
+                    return False
+        return True
 
     def _beat(self) -> None:
         consumer_id = self.claims.consumer_id
@@ -206,7 +227,10 @@ class Recorder:
 
     def _connection(self) -> psycopg2.extensions.connection:
         if self.conn is None or self.conn.closed:
-            self.conn = db.connect(self.database_settings, self.app_name)
+            # a round trip longer than the lease is a cut network (db._Watchdog)
+            self.conn = db.connect(
+                self.database_settings, self.app_name, deadline=max(self.claims.lease, 5.0)
+            )
         return self.conn
 
     def _lost(self, exc: BaseException) -> None:
@@ -237,11 +261,21 @@ def _columns(outcomes: list[Outcome]) -> dict[str, list[Any]]:
         job_ids=[o.job_id for o in outcomes],
         kinds=[o.kind for o in outcomes],
         attempted=[o.attempted for o in outcomes],
+        deferred=[o.deferred for o in outcomes],
         errors=[o.error for o in outcomes],
         delays=[float(o.delay) for o in outcomes],
         codes=[o.smtp_code for o in outcomes],
-        started=[o.started if o.started is not None else time.time() for o in outcomes],
+        elapsed=[float(o.elapsed) for o in outcomes],
+        pending=[o.pending_json for o in outcomes],
+        deliveries=[o.delivery for o in outcomes],
+        relays=[o.relay for o in outcomes],
     )
+
+
+def _about_the_data(exc: BaseException) -> bool:
+    """An error that some outcome's data may cause (a value too long, a constraint),
+    as opposed to the connection, a permission or the server going away."""
+    return isinstance(exc, (db.DataError, db.IntegrityError))
 
 
 def _describe(exc: BaseException) -> str:

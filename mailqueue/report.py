@@ -1,7 +1,7 @@
 """python -m mailqueue report [--since 1h] [--json]: does the queue keep up, and why
 do mails fail? In words (a table a person reads) or as JSON.
 
-The JSON has exactly these keys: statuses (the five, zeros included), sent (mails
+The JSON has exactly these keys: statuses (the eight, zeros included), sent (mails
 sent in the window), sent_per_minute, lag_seconds (p50, p95 and max of
 end_time - start_time of the jobs finished in the window), oldest_waiting_seconds
 (how long the oldest job that is due and not yet sent has waited, or null) and
@@ -24,7 +24,16 @@ if TYPE_CHECKING:
 
     from mailqueue.config import Config
 
-STATUSES = ("available", "queued", "completed", "failed", "dead")
+STATUSES = (
+    "available",
+    "queued",
+    "completed",
+    "failed",
+    "dead",
+    "uncertain",
+    "suppressed",
+    "bounced",
+)
 MAX_REASONS = 10
 
 

@@ -14,10 +14,13 @@ replies and the content, whether it may still send that mail (see consumer.py):
     sender.envelope_replies(mail)   #   PIPELINING, exchanged here)
     reply = sender.finish(mail, then=next_mail)   # content, dot, next envelope
 
-Every failure is classified: SendError for the mail (transient or permanent,
-throttling, or an unknown outcome), EnvelopeLost when the connection failed
-before the content went (the mail was not sent: it may go again at no cost),
-SmtpUnavailable when no connection can be had. No password ever goes into an error.
+The replies are returned as they came (an Envelope, the reply to the dot): what
+they ask of us is mailqueue.replies' and mailqueue.outcomes' to say. This module
+raises only for the connection itself: EnvelopeLost when it failed before the
+content went (the mail was not sent: it may go again at no cost), ContentUnknown
+when the content went out and no reply came (the server may have the mail),
+SmtpUnavailable when no connection can be had, and SendError when the server
+cannot take the mail at all (SIZE, SMTPUTF8). No password ever goes into an error.
 """
 
 from __future__ import annotations
@@ -28,38 +31,36 @@ import re
 import smtplib
 import socket
 import ssl
-from typing import TYPE_CHECKING, NoReturn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn, Tuple
 
 if TYPE_CHECKING:
     from mailqueue.config import SmtpSettings
     from mailqueue.message import Mail
 
+from mailqueue import replies
+
 log = logging.getLogger(__name__)
 
 
 class SendError(Exception):
-    """A mail was not accepted, or may not have been. `permanent`: retrying cannot
-    help (5xx, or an address the server cannot take). `throttled`: the server
-    says we send too fast, not that the mail is bad. `unknown`: the content went
-    out and no reply came, so the server may have accepted it. `summary` is short
-    and free of personal data (for logs); str(self) is the full reason (for
-    last_error); `code` is the server's reply code, if there was one."""
+    """The server cannot take this mail at all, whatever we do (check()): too
+    large for its SIZE, or an address that needs SMTPUTF8 it does not offer.
+    `summary` is short and free of personal data (for logs); str(self) is the
+    full reason (for last_error)."""
 
-    def __init__(
-        self,
-        text: str,
-        permanent: bool = False,
-        summary: str = "",
-        code: int | None = None,
-        throttled: bool = False,
-        unknown: bool = False,
-    ) -> None:
+    def __init__(self, text: str, summary: str = "") -> None:
         super().__init__(text)
-        self.permanent = permanent
         self.summary = summary or text
-        self.code = code
-        self.throttled = throttled
-        self.unknown = unknown
+
+
+class ContentUnknown(Exception):
+    """The content went out and no reply to it came (a timeout, a lost
+    connection): the server may have accepted the mail."""
+
+    def __init__(self, text: str, summary: str) -> None:
+        super().__init__(text)
+        self.summary = summary
 
 
 class EnvelopeLost(Exception):
@@ -72,28 +73,33 @@ class SmtpUnavailable(Exception):
     """Cannot connect, secure or log in to the SMTP server: no job is to blame.
     `retryable`: the server may come (a refused or timed-out connection, a name
     that does not resolve yet); otherwise waiting cannot help (a refused login, a
-    certificate that does not verify, no STARTTLS)."""
+    certificate that does not verify, no STARTTLS). `verdict` reads the server's
+    reply, when it gave one (mailqueue.replies: fewer_connections when it takes
+    no more connections from us)."""
 
-    def __init__(self, message: str, retryable: bool = True) -> None:
+    def __init__(self, message: str, retryable: bool = True, verdict: str | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.verdict = verdict
 
 
-# Replies that say the sender is too fast, not that the mail is bad: SES's
-# "454 4.7.0 Throttling failure: Maximum sending rate exceeded", Gmail's "421 4.7.0
-# Try again later, closing connection" and "450 4.2.1 ... rate that prevents
-# additional messages", "452 4.3.2 Too many messages".
-THROTTLING_CODES = (421, 450, 451, 452, 454)
-_THROTTLING_TEXT = re.compile(
-    r"throttl|\brate\b|too many (messages|mails|emails|recipients)|try again later"
-    r"|slow down|sending limit",
-    re.IGNORECASE,
-)
+Reply = Tuple[int, str]
 
 
-def is_throttling(code: int, text: str) -> bool:
-    """Whether a reply asks the sender to slow down."""
-    return code in THROTTLING_CODES and bool(_THROTTLING_TEXT.search(text))
+@dataclass(frozen=True)
+class Envelope:
+    """The replies to one mail's envelope. `mail`: to MAIL FROM; `recipients`: to
+    each RCPT TO, in the mail's order (empty when MAIL FROM was refused);
+    `data`: to DATA (None when it was not sent). `ready`: the server waits for
+    the content (354, with at least one recipient accepted)."""
+
+    mail: Reply
+    recipients: tuple[Reply, ...]
+    data: Reply | None
+
+    @property
+    def ready(self) -> bool:
+        return self.data is not None and self.data[0] == 354
 
 
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
@@ -106,9 +112,12 @@ class Sender:
         self.settings = smtp_settings
         self.connection: smtplib.SMTP | None = None
         self.mails_on_connection = 0  # mails whose content went on this connection
-        self.fresh = False  # the connection was opened for the mail under way
+        self.fresh = False  # no mail's content has gone on this connection yet
         # envelope replies already read (no PIPELINING)
         self._replies: list[tuple[int, bytes]] | None = None
+        # DATA may have been answered 354 and no content ended it: a QUIT now would
+        # be read as content, so closing drops the connection instead
+        self._mid_mail = False
 
     @property
     def connected(self) -> bool:
@@ -127,6 +136,7 @@ class Sender:
             else:
                 conn = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
             try:
+                _give_up_unacknowledged(conn.sock, s.timeout)
                 conn.ehlo()
                 if s.security == "starttls":
                     # Never falls back to plain text: no STARTTLS means no mail.
@@ -154,8 +164,10 @@ class Sender:
                 "TLS with SMTP server %s:%s failed: %s" % (s.host, s.port, exc)
             ) from None
         except smtplib.SMTPResponseException as exc:
+            verdict = replies.classify(replies.GREETING, exc.smtp_code, _text(exc.smtp_error))
             raise SmtpUnavailable(
-                "SMTP server %s:%s refused the session: %s" % (s.host, s.port, _reply(exc))
+                "SMTP server %s:%s refused the session: %s" % (s.host, s.port, _reply(exc)),
+                verdict=verdict.action,
             ) from None
         except (smtplib.SMTPException, OSError) as exc:
             raise SmtpUnavailable(
@@ -163,6 +175,8 @@ class Sender:
             ) from None
         self.connection = conn
         self.mails_on_connection = 0
+        self.fresh = True  # until a mail's content has gone on it
+        self._mid_mail = False
 
     @property
     def pipelining(self) -> bool:
@@ -170,13 +184,12 @@ class Sender:
 
     def check(self, mail: Mail) -> None:
         """Refuse, before anything is sent, a mail this server cannot take:
-        SendError (permanent). Connects first, to know what the server offers."""
+        SendError. Connects first, to know what the server offers."""
         self.connect()
         conn: smtplib.SMTP = self.connection  # type: ignore[assignment]  # connect() opened it
         if mail.smtputf8 and not conn.has_extn("smtputf8"):
             raise SendError(
                 "an address is not ASCII and the SMTP server does not offer SMTPUTF8",
-                permanent=True,
                 summary="no SMTPUTF8",
             )
         limits = []
@@ -191,7 +204,6 @@ class Sender:
                 raise SendError(
                     "the message is %d bytes, more than %s of %d bytes"
                     % (len(mail.data), what, limit),
-                    permanent=True,
                     summary="message too large",
                 )
 
@@ -199,33 +211,35 @@ class Sender:
         """Write the mail's envelope (MAIL FROM, RCPT TO..., DATA) in one go when
         the server offers PIPELINING; without it, exchange it command by command.
         Its replies are read by envelope_replies()."""
-        self.fresh = not self.connected  # a connection opened for this very mail
         self.connect()
         commands = self._envelope(mail)
         try:
             if self.pipelining:
                 self._replies = None
+                self._mid_mail = True
                 self.connection.send(b"".join(commands))  # type: ignore[union-attr]  # connected
                 return
             self._replies = self._exchange(commands)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
             self._lost(exc)
 
-    def _exchange(self, commands):
+    def _exchange(self, commands: list[bytes]) -> list[tuple[int, bytes]]:
         """Without PIPELINING: each envelope command waits for its reply; stop at a
         refused sender, or before DATA when every recipient was refused."""
-        conn, replies = self.connection, []
+        conn: smtplib.SMTP = self.connection  # type: ignore[assignment]  # connected
+        got = []
         conn.send(commands[0])
-        replies.append(conn.getreply())
-        if replies[0][0] != 250:
-            return replies
+        got.append(conn.getreply())
+        if got[0][0] != 250:
+            return got
         for command in commands[1:-1]:
             conn.send(command)
-            replies.append(conn.getreply())
-        if any(code in (250, 251) for code, _ in replies[1:]):
+            got.append(conn.getreply())
+        if any(code in (250, 251) for code, _ in got[1:]):
+            self._mid_mail = True
             conn.send(commands[-1])
-            replies.append(conn.getreply())
-        return replies
+            got.append(conn.getreply())
+        return got
 
     def _envelope(self, mail: Mail) -> list[bytes]:
         encoding = "utf-8" if mail.smtputf8 else "ascii"
@@ -233,77 +247,75 @@ class Sender:
         lines = [mail_from] + ["RCPT TO:<%s>" % r for r in mail.recipients] + ["DATA"]
         return [(line + "\r\n").encode(encoding) for line in lines]
 
-    def envelope_replies(self, mail: Mail) -> list[str]:
-        """The replies to the envelope begin() wrote. Returns the refused
-        recipients (when some, not all, were refused) as "address: reply" texts.
-        Raises SendError if the mail cannot go, EnvelopeLost if the connection
-        failed before its content (nothing was sent)."""
+    def envelope_replies(self, mail: Mail) -> Envelope:
+        """The replies to the envelope begin() wrote, as they came. When the
+        content cannot go (a refusal), the transaction is ended here and the
+        connection kept if it can be. Raises EnvelopeLost if the connection failed
+        before the content (nothing was sent), or if a reused connection is being
+        closed by the server (421 with no reason of rate or connections)."""
         conn = self.connection
         if conn is None:
             raise EnvelopeLost("the SMTP connection was closed before the content was sent")
         expected = 2 + len(mail.recipients)
-        replies, self._replies = self._replies, None
-        if replies is None:
-            replies = []
+        got, self._replies = self._replies, None
+        if got is None:
+            got = []
             try:
-                while len(replies) < expected:
-                    replies.append(conn.getreply())
+                while len(got) < expected:
+                    got.append(conn.getreply())
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
-                if not replies or replies[0][0] == 250:
+                if not got or got[0][0] == 250:
                     self._lost(exc)
-                self.close()  # the sender was refused, and the server hung up
-        (mail_code, mail_text) = replies[0]
-        if mail_code != 250:
-            if (
-                mail_code == 421
-                and not self.fresh
-                and not is_throttling(mail_code, _text(mail_text))
-            ):
-                # A reused connection the relay is closing: go on on a new one.
-                self.close()
-                raise EnvelopeLost(
-                    "the SMTP server closed the connection: %s" % _reply_text(mail_code, mail_text)
-                )
-            raise self._refused(mail_code, mail_text, "sender refused")
-        rcpt_replies = replies[1 : 1 + len(mail.recipients)]
-        refused = [
-            "%s: %s" % (rcpt, _reply_text(code, text))
-            for rcpt, (code, text) in zip(mail.recipients, rcpt_replies)
-            if code not in (250, 251)
-        ]
-        accepted = len(rcpt_replies) - len(refused)
-        data_code, data_text = replies[-1] if len(replies) == expected else (None, b"")
-        if accepted == 0:
-            code, text = next((c, t) for c, t in rcpt_replies if c not in (250, 251))
-            if data_code == 354:  # DATA went through anyway: end it, empty
+                self.abort()  # the sender was refused, and the server hung up
+        mail_reply = (got[0][0], _text(got[0][1]))
+        if mail_reply[0] != 250:
+            if mail_reply[0] == 421:
+                self.abort()
+                verdict = replies.classify(replies.MAIL, *mail_reply)
+                if verdict.action == replies.CLOSING and not self.fresh:
+                    # A reused connection the relay is closing: go on on a new one.
+                    raise EnvelopeLost(
+                        "the SMTP server closed the connection: %s" % _reply_text(*mail_reply)
+                    )
+            else:
+                self._reset()
+            return Envelope(mail_reply, (), None)
+        rcpts = tuple((code, _text(text)) for code, text in got[1 : 1 + len(mail.recipients)])
+        data = (got[-1][0], _text(got[-1][1])) if len(got) == expected else None
+        accepted = any(code in (250, 251) for code, _ in rcpts)
+        if data is not None and data[0] == 354:
+            if not accepted:  # DATA went through anyway: end it, empty
                 self._end_empty()
-            raise self._refused(code, text, "recipient refused")
-        if data_code != 354:
-            raise self._refused(data_code or -1, data_text, "mail refused")
-        return refused
+                data = None
+        elif any(code == 421 for code, _ in rcpts) or (data is not None and data[0] == 421):
+            self.abort()
+        else:
+            self._reset()
+        return Envelope(mail_reply, rcpts, data)
 
-    def finish(self, mail: Mail, then: Mail | None = None) -> str:
+    def finish(self, mail: Mail, then: Mail | None = None) -> Reply:
         """Send the content (the server said 354) and wait for its reply, up to
         smtp.data_timeout. With PIPELINING, `then`'s envelope goes in the same
         write; its replies are read by the next envelope_replies(then).
-        Returns the server's 250 reply text; SendError otherwise (`unknown` when
-        no reply came: the server may have accepted the mail)."""
+        Returns the server's reply to the end of data (250 or a refusal);
+        ContentUnknown when none came (the server may have accepted the mail)."""
         conn: smtplib.SMTP = self.connection  # type: ignore[assignment]  # begin() opened it
         data = mail.data
         if data.startswith(b".") or b"\n." in data:
             data = _DOT_AT_LINE_START.sub(b"..", data)
         payload = [data, b".\r\n"]
-        if then is not None and self.pipelining:
-            payload += self._envelope(then)
+        pipelined = then is not None and self.pipelining
+        if pipelined:
+            payload += self._envelope(then)  # type: ignore[arg-type]  # then is not None
+        self._mid_mail = pipelined
         try:
             conn.send(b"".join(payload))
         except OSError as exc:
-            self.close()
-            raise SendError(
+            self.abort()
+            raise ContentUnknown(
                 "the connection failed while the content was being sent (%s): "
                 "the server may have accepted the mail" % _describe(exc),
                 summary="connection failed",
-                unknown=True,
             ) from None
         self.mails_on_connection += 1
         self.fresh = False
@@ -315,7 +327,7 @@ class Sender:
                 if conn.sock is not None:
                     conn.sock.settimeout(self.settings.timeout)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
-            self.close()
+            self.abort()
             if _timed_out(exc):
                 reason = (
                     "no reply to the end of data within %g s (smtp.data_timeout)"
@@ -325,50 +337,41 @@ class Sender:
             else:
                 reason = "the connection was lost before the reply to the end of data"
                 summary = "connection lost"
-            raise SendError(
-                "%s: the server may have accepted it" % reason, summary=summary, unknown=True
+            raise ContentUnknown(
+                "%s: the server may have accepted it" % reason, summary=summary
             ) from None
         if then is not None and not self.pipelining:
             try:
                 self.begin(then)  # now that the server is ready for it
             except EnvelopeLost:
                 pass  # the connection is gone: envelope_replies(then) says so
-        if code != 250:
-            # The transaction ended with this reply: nothing to reset, and the
-            # next envelope's replies, if pipelined, follow in order.
-            raise self._refused(code, text, "mail refused", reset=False)
-        return _text(text)
+        if code == 421:
+            self.abort()
+        return code, _text(text)
 
-    def _end_empty(self):
+    def _end_empty(self) -> None:
+        conn: smtplib.SMTP = self.connection  # type: ignore[assignment]  # connected
         try:
-            self.connection.send(b".\r\n")
-            self.connection.getreply()
+            conn.send(b".\r\n")
+            conn.getreply()
+            self._mid_mail = False
         except (smtplib.SMTPException, OSError):
-            self.close()
+            self.abort()
+
+    def _reset(self) -> None:
+        """End this mail's transaction, keep the connection."""
+        self._mid_mail = False
+        if self.connection is not None:
+            try:
+                self.connection.rset()
+            except (OSError, smtplib.SMTPException):
+                self.abort()
 
     def _lost(self, exc: BaseException) -> NoReturn:
-        self.close()
+        self.abort()
         raise EnvelopeLost(
             "the SMTP connection failed before the content was sent: %s" % _describe(exc)
         ) from None
-
-    def _refused(self, code: int, message: bytes | str, what: str, reset: bool = True) -> SendError:
-        """The server answered with an error: 5xx is permanent, anything else is not."""
-        text = _text(message)
-        if code == 421:  # the server is closing this connection
-            self.close()
-        elif reset and self.connection is not None:
-            try:
-                self.connection.rset()  # end this mail's transaction, keep the connection
-            except (OSError, smtplib.SMTPException):
-                self.close()
-        return SendError(
-            "%s: %s" % (what, _reply_text(code, text)),
-            permanent=500 <= code < 600,
-            summary="%s %d" % (what, code),
-            code=code if code > 0 else None,
-            throttled=is_throttling(code, text),
-        )
 
     def abort(self) -> None:
         """Drop the connection without a word: a mail whose content has not ended
@@ -379,9 +382,14 @@ class Sender:
             except OSError:
                 pass
             self.connection = None
+        self._mid_mail = False
 
     def close(self) -> None:
-        if self.connection is not None:
+        """Say QUIT and close, as a polite client does; a connection in the
+        middle of a mail is dropped instead (see abort)."""
+        if self._mid_mail:
+            self.abort()
+        elif self.connection is not None:
             _close_quietly(self.connection)
             self.connection = None
 
@@ -400,6 +408,17 @@ def _login(conn: smtplib.SMTP, user: str, password: str) -> None:
     code, reply = conn.docmd("AUTH", "PLAIN " + token.decode("ascii"))
     if code != 235:
         raise smtplib.SMTPAuthenticationError(code, reply)
+
+
+def _give_up_unacknowledged(sock: socket.socket | None, seconds: float) -> None:
+    """Data that the server does not acknowledge for `seconds` (a network cut)
+    ends the connection then, instead of after minutes of TCP retransmissions."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock is not None and option is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
+        except OSError:
+            pass
 
 
 def _timed_out(exc: BaseException) -> bool:

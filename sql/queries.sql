@@ -95,21 +95,39 @@ DELETE FROM consumers WHERE consumer_id = %(consumer)s;
 -- oldest; SKIP LOCKED: consumers never wait for each other and never take the
 -- same row. The claim is committed at once, and the job's row comes along. A row
 -- whose job is no longer 'queued' is returned too: the consumer drops it unsent.
+-- Memory: rows are taken in order while their attachments add up to at most
+-- %(budget)s bytes (the rest stay unclaimed, for the next claim or another
+-- consumer); with %(alone)s, a first row larger than that is taken alone.
+-- Times come as seconds by the database's clock (expires_in, deferred_for), so
+-- that a consumer whose own clock is wrong still judges them right.
 WITH next AS (
-  SELECT queue_id
+  SELECT queue_id, priority,
+         (SELECT COALESCE(sum(octet_length(content)), 0)
+            FROM attachments WHERE attachments.job_id = queue.job_id) AS bytes
     FROM queue
    WHERE claimed_by IS NULL
    ORDER BY priority DESC, queue_id
    LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED
+), chosen AS (
+  SELECT queue_id, bytes
+    FROM (SELECT queue_id, bytes,
+                 sum(bytes) OVER (ORDER BY priority DESC, queue_id) AS running,
+                 row_number() OVER (ORDER BY priority DESC, queue_id) AS place
+            FROM next) AS sized
+   WHERE running <= %(budget)s OR (place = 1 AND %(alone)s)
 )
 UPDATE queue
    SET claimed_by = %(consumer)s, claimed_at = now()
-  FROM next, jobs
- WHERE queue.queue_id = next.queue_id AND jobs.job_id = queue.job_id
-RETURNING queue.queue_id,
-          EXISTS (SELECT 1 FROM attachments WHERE attachments.job_id = jobs.job_id)
-            AS has_attachments,
+  FROM chosen, jobs
+ WHERE queue.queue_id = chosen.queue_id AND jobs.job_id = queue.job_id
+RETURNING queue.queue_id, chosen.bytes AS attachment_bytes,
+          EXTRACT(EPOCH FROM jobs.expires_at - now()) AS expires_in,
+          EXTRACT(EPOCH FROM now() - jobs.deferred_since) AS deferred_for,
+          (jobs.pending_recipients IS NOT NULL
+           AND EXISTS (SELECT 1 FROM deliveries
+                        WHERE deliveries.job_id = jobs.job_id AND deliveries.outcome = 'sent'))
+            AS delivered_before,
           jobs.*;
 
 -- claim_paced_batch --
@@ -127,18 +145,27 @@ WITH bucket AS (
    WHERE bucket = 'default'
      FOR UPDATE
 ), next AS (
-  SELECT queue_id
+  SELECT queue_id, priority,
+         (SELECT COALESCE(sum(octet_length(content)), 0)
+            FROM attachments WHERE attachments.job_id = queue.job_id) AS bytes
     FROM queue
    WHERE claimed_by IS NULL
    ORDER BY priority DESC, queue_id
    LIMIT (SELECT GREATEST(0, LEAST(%(limit)s, floor(tokens)))::int FROM bucket)
      FOR UPDATE SKIP LOCKED
+), chosen AS (
+  SELECT queue_id, bytes
+    FROM (SELECT queue_id, bytes,
+                 sum(bytes) OVER (ORDER BY priority DESC, queue_id) AS running,
+                 row_number() OVER (ORDER BY priority DESC, queue_id) AS place
+            FROM next) AS sized
+   WHERE running <= %(budget)s OR (place = 1 AND %(alone)s)
 ), claimed AS (
   UPDATE queue
      SET claimed_by = %(consumer)s, claimed_at = now()
-    FROM next
-   WHERE queue.queue_id = next.queue_id
-  RETURNING queue.queue_id, queue.job_id
+    FROM chosen
+   WHERE queue.queue_id = chosen.queue_id
+  RETURNING queue.queue_id, queue.job_id, chosen.bytes
 ), spent AS (
   UPDATE send_rate
      SET tokens = bucket.tokens - (SELECT count(*) FROM claimed), refreshed_at = bucket.at
@@ -146,16 +173,21 @@ WITH bucket AS (
    WHERE send_rate.bucket = 'default'
   RETURNING send_rate.tokens
 )
-SELECT spent.tokens AS tokens_left, claimed.queue_id,
-       EXISTS (SELECT 1 FROM attachments WHERE attachments.job_id = jobs.job_id)
-         AS has_attachments,
+SELECT spent.tokens AS tokens_left, claimed.queue_id, claimed.bytes AS attachment_bytes,
+       EXTRACT(EPOCH FROM jobs.expires_at - now()) AS expires_in,
+       EXTRACT(EPOCH FROM now() - jobs.deferred_since) AS deferred_for,
+       (jobs.pending_recipients IS NOT NULL
+        AND EXISTS (SELECT 1 FROM deliveries
+                     WHERE deliveries.job_id = jobs.job_id AND deliveries.outcome = 'sent'))
+         AS delivered_before,
        jobs.*
   FROM spent
   LEFT JOIN claimed ON true
   LEFT JOIN jobs ON jobs.job_id = claimed.job_id;
 
 -- attachments_of --
--- The files of the jobs just claimed (those whose has_attachments is true).
+-- The files of jobs just claimed (those whose attachment_bytes is not 0), read a
+-- few jobs at a time so that no one reply holds much more than their bytes.
 SELECT job_id, attachment_id, filename, content_type, content, content_id
   FROM attachments
  WHERE job_id = ANY(%(job_ids)s::int[])
@@ -176,27 +208,34 @@ UPDATE queue
 -- record_outcomes --
 -- The outcomes of many mails, in one statement (one commit): the recorder
 -- commits every outcome pending at that moment. Each array holds one element per
--- mail; kind is one of
---   sent      the server accepted it: completed
---   failed    an attempt failed for a reason that may pass: retried in delay seconds
---   dead      given up (attempted: 1 if a send was attempted, 0 if not)
---   released  not attempted (throttled, the connection lost before its content,
---             stopping): the row goes back to the queue, no attempt spent
---   dropped   the job is no longer queued (finished, cancelled): the row goes
+-- mail; kind is one of (mailqueue/outcomes.py decides which)
+--   sent        completed: every recipient has its answer, and one got the mail
+--   failed      an attempt spent; tried again in delay seconds
+--   deferred    put back for delay seconds without spending an attempt (status failed)
+--   released    back to the queue at once; with deferred = 1 it counts as a deferral
+--               (the relay throttled), with 0 it was not tried (stopping)
+--   dead        given up (attempted: 1 if an attempt was spent, 0 if not)
+--   uncertain   no final reply to the content, and the job holds (on_uncertain = 'hold')
+--   suppressed  never sent: its address is on the suppression list
+--   dropped     the job is no longer queued (finished, cancelled): the row goes if we hold it
 -- A job is changed only while it is 'queued', so recording an outcome twice (on a
 -- new connection, after the first one's reply was lost) changes nothing the second
--- time, and a job someone else finished is never overwritten. Each attempt is
--- logged in deliveries, in the same statement: the two never disagree.
+-- time, and a job someone else finished is never overwritten. Each SMTP
+-- transaction is logged in deliveries (delivery not NULL), in the same statement:
+-- the two never disagree. started_at and finished_at are the database's clock.
 WITH outcome AS (
   SELECT *
     FROM unnest(%(queue_ids)s::int[], %(job_ids)s::int[], %(kinds)s::text[],
-                %(attempted)s::int[], %(errors)s::text[], %(delays)s::float8[],
-                %(codes)s::int[], %(started)s::float8[])
-         AS o(queue_id, job_id, kind, attempted, error, delay, smtp_code, started)
+                %(attempted)s::int[], %(deferred)s::int[], %(errors)s::text[],
+                %(delays)s::float8[], %(codes)s::int[], %(elapsed)s::float8[],
+                %(pending)s::text[], %(deliveries)s::text[], %(relays)s::text[])
+         AS o(queue_id, job_id, kind, attempted, deferred, error, delay, smtp_code, elapsed,
+              pending, delivery, relay)
 ), finished AS (
   DELETE FROM queue
    USING outcome
    WHERE queue.queue_id = outcome.queue_id AND outcome.kind <> 'released'
+     AND (outcome.kind <> 'dropped' OR queue.claimed_by = %(consumer)s)
      AND queue.queue_id = ANY (%(queue_ids)s::int[])
 ), released AS (
   UPDATE queue
@@ -207,25 +246,37 @@ WITH outcome AS (
      AND queue.claimed_by = %(consumer)s
 ), recorded AS (
   UPDATE jobs
-     SET status = CASE outcome.kind WHEN 'sent' THEN 'completed' ELSE outcome.kind END,
-         end_time = CASE WHEN outcome.kind = 'failed' THEN NULL ELSE now() END,
+     SET status = CASE outcome.kind WHEN 'sent' THEN 'completed'
+                                    WHEN 'deferred' THEN 'failed'
+                                    WHEN 'released' THEN 'queued'
+                                    ELSE outcome.kind END,
+         end_time = CASE WHEN outcome.kind IN ('failed', 'deferred', 'released') THEN NULL
+                         ELSE now() END,
          attempts = jobs.attempts + outcome.attempted,
+         deferrals = CASE WHEN outcome.deferred = 1 THEN jobs.deferrals + 1 ELSE 0 END,
+         deferred_since = CASE WHEN outcome.deferred = 1 THEN COALESCE(jobs.deferred_since, now())
+                               ELSE NULL END,
+         pending_recipients = CASE WHEN outcome.pending IS NULL THEN NULL
+                                   ELSE ARRAY(SELECT json_array_elements_text(outcome.pending::json))
+                              END,
          last_error = outcome.error,
-         run_at = CASE WHEN outcome.kind = 'failed'
+         run_at = CASE WHEN outcome.kind IN ('failed', 'deferred')
                        THEN now() + outcome.delay * interval '1 second'
                        ELSE jobs.run_at END
     FROM outcome
    WHERE jobs.job_id = outcome.job_id AND jobs.status = 'queued'
-     AND outcome.kind IN ('sent', 'failed', 'dead')
+     AND (outcome.kind NOT IN ('dropped', 'released') OR outcome.deferred = 1)
      -- Said again as an array so the planner looks the jobs up by primary key
      -- even when its statistics are stale (else it may scan every queued job).
      AND jobs.job_id = ANY (%(job_ids)s::int[])
-  RETURNING jobs.job_id, jobs.attempts, outcome.kind, outcome.smtp_code, outcome.error,
-            outcome.started
+  RETURNING jobs.job_id, jobs.attempts, outcome.delivery, outcome.smtp_code, outcome.error,
+            outcome.elapsed, outcome.relay
 )
 INSERT INTO deliveries (job_id, attempt, started_at, finished_at, outcome, smtp_code, detail)
-SELECT job_id, GREATEST(attempts, 1), to_timestamp(started), now(), kind, smtp_code, error
-  FROM recorded;
+SELECT job_id, CASE WHEN delivery = 'deferred' THEN attempts ELSE GREATEST(attempts, 1) END,
+       now() - elapsed * interval '1 second', now(), delivery, smtp_code, error
+  FROM recorded
+ WHERE delivery IS NOT NULL;
 
 -- ring_consumers --
 -- Rows are back in the queue (a consumer stopped or freed claims): wake the
@@ -337,7 +388,7 @@ SELECT outcome, count(*) AS deliveries
  GROUP BY outcome;
 
 -- ops_requeue --
--- Up to %(limit)s jobs of %(status)s (dead or failed), among %(job_ids)s if not
+-- Up to %(limit)s jobs of %(status)s (dead, failed or uncertain), among %(job_ids)s if not
 -- NULL and last tried within %(since)s seconds if not NULL (end_time for dead
 -- jobs, start_time, when last queued, for failed ones), back to available with
 -- attempts = 0; the schema's trigger jobs_ring_producer_on_retry wakes the
@@ -355,7 +406,8 @@ WITH chosen AS (
      FOR UPDATE
 ), requeued AS (
   UPDATE jobs
-     SET status = 'available', attempts = 0, run_at = now(), end_time = NULL
+     SET status = 'available', attempts = 0, deferrals = 0, deferred_since = NULL,
+         run_at = now(), end_time = NULL
     FROM chosen
    WHERE jobs.job_id = chosen.job_id AND jobs.status = %(status)s
   RETURNING jobs.job_id
@@ -372,15 +424,16 @@ SELECT count(*) AS jobs
         OR COALESCE(end_time, start_time) >= LOCALTIMESTAMP - %(since)s * interval '1 second');
 
 -- ops_prune_count --
--- prune: how many finished jobs (completed or dead) ended more than
--- %(older_than)s seconds ago (jobs_finished_idx alone).
+-- prune: how many finished jobs (completed, dead, uncertain, suppressed, bounced)
+-- ended more than %(older_than)s seconds ago (jobs_finished_idx and
+-- jobs_other_finished_idx alone).
 SELECT count(*) AS jobs
   FROM jobs
- WHERE status IN ('completed', 'dead')
+ WHERE status IN ('completed', 'dead', 'uncertain', 'suppressed', 'bounced')
    AND end_time < LOCALTIMESTAMP - %(older_than)s * interval '1 second';
 
 -- ops_prune_batch --
--- prune: delete up to %(limit)s jobs of %(status)s (completed or dead) that ended
+-- prune: delete up to %(limit)s jobs of %(status)s (a finished status) that ended
 -- more than %(older_than)s seconds ago and not before %(after)s, oldest first
 -- (their deliveries and attachments go with them through the foreign keys).
 -- Each batch is its own short transaction; the caller goes on from the latest
@@ -399,7 +452,8 @@ WITH doomed AS (
 ), gone AS (
   DELETE FROM jobs
    USING doomed
-   WHERE jobs.job_id = doomed.job_id AND jobs.status IN ('completed', 'dead')
+   WHERE jobs.job_id = doomed.job_id
+     AND jobs.status IN ('completed', 'dead', 'uncertain', 'suppressed', 'bounced')
   RETURNING jobs.end_time
 )
 SELECT count(*) AS jobs, max(end_time) AS last FROM gone;

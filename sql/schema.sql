@@ -121,6 +121,19 @@ BEGIN
     ('jobs', 'expires_at', 'TIMESTAMPTZ'),
     -- the application's key: INSERT ... ON CONFLICT (idempotency_key) DO NOTHING
     ('jobs', 'idempotency_key', 'VARCHAR'),
+    -- what to do when the content went out and no final reply came (the server
+    -- may have the mail): 'retry' (send it again: a duplicate is possible) or
+    -- 'hold' (the job ends 'uncertain' and is never sent again by itself)
+    ('jobs', 'on_uncertain', 'VARCHAR NOT NULL DEFAULT ''retry'''),
+    -- the envelope recipients that still wait for their answer, after a
+    -- transaction in which the server accepted some and refused others for now;
+    -- NULL: every recipient of the job (nothing was delivered yet)
+    ('jobs', 'pending_recipients', 'TEXT[]'),
+    -- times in a row the job was put back without spending an attempt (the relay
+    -- throttled, or a recipient was refused for now); past queue.max_deferrals,
+    -- or queue.max_defer_time after deferred_since, the next one spends an attempt
+    ('jobs', 'deferrals', 'INTEGER NOT NULL DEFAULT 0'),
+    ('jobs', 'deferred_since', 'TIMESTAMPTZ'),
     -- the consumer whose claim the row is under; NULL: waiting for one
     ('queue', 'claimed_by', 'INTEGER'),
     -- when that claim was made
@@ -145,24 +158,51 @@ $$;
 -- The statuses, as people read them in pgAdmin:
 --   available  ready to be queued (the seed's default for a new job)
 --   queued     in the queue table, waiting for or being sent by a consumer
---   completed  the SMTP server accepted the mail
---   failed     the last attempt failed for a reason that may pass; retried at run_at
+--   completed  the SMTP server accepted the mail (for every recipient that can have it)
+--   failed     waiting to be tried again at run_at: the last attempt failed for a
+--              reason that may pass, or a recipient was refused for now (deferred)
 --   dead       given up: permanent rejection, bad input, or attempts exhausted
+--   uncertain  the content went out and no final reply came, and the job says
+--              on_uncertain = 'hold': never sent again by itself (requeue sends it)
+--   suppressed never sent: its address is on the suppression list
+--   bounced    sent, then a delivery status notification said it failed for good
 -- A constraint is added NOT VALID first, so that existing rows never stop the
 -- script; it is then validated, and a warning names the problem if that fails.
+-- A constraint whose definition grew (new statuses) is dropped first and added again.
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_constraint
+              WHERE conrelid = 'jobs'::regclass AND conname = 'jobs_status_known'
+                AND pg_get_constraintdef(oid) NOT LIKE '%bounced%') THEN
+    ALTER TABLE jobs DROP CONSTRAINT jobs_status_known;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_constraint
+              WHERE conrelid = 'deliveries'::regclass AND conname = 'deliveries_outcome_known'
+                AND pg_get_constraintdef(oid) NOT LIKE '%deferred%') THEN
+    ALTER TABLE deliveries DROP CONSTRAINT deliveries_outcome_known;
+  END IF;
+END
+$$;
 DO $$
 DECLARE
   con RECORD;
 BEGIN
   FOR con IN SELECT * FROM (VALUES
-    -- a job is always in one of the five statuses above
+    -- a job is always in one of the eight statuses above
     ('jobs', 'jobs_status_known',
-     'CHECK (status IS NOT NULL AND status IN (''available'', ''queued'', ''completed'', ''failed'', ''dead''))'),
+     'CHECK (status IS NOT NULL AND status IN (''available'', ''queued'', ''completed'', ''failed'', ''dead'', ''uncertain'', ''suppressed'', ''bounced''))'),
     -- attempts only ever count up from zero
     ('jobs', 'jobs_attempts_not_negative', 'CHECK (attempts >= 0)'),
-    -- a delivery's outcome is one of the three a send attempt can have
+    -- deferrals only ever count up from zero (and back to zero)
+    ('jobs', 'jobs_deferrals_not_negative', 'CHECK (deferrals >= 0)'),
+    -- what to do with an outcome that is not known: send again, or hold
+    ('jobs', 'jobs_on_uncertain_known', 'CHECK (on_uncertain IN (''retry'', ''hold''))'),
+    -- a delivery's outcome: sent, failed (an attempt spent, retried later), dead
+    -- (given up), deferred (put back without spending an attempt: the relay
+    -- throttled, or a recipient was refused for now), uncertain (no final reply;
+    -- the job holds), suppressed (an address dropped by the suppression list)
     ('deliveries', 'deliveries_outcome_known',
-     'CHECK (outcome IN (''sent'', ''failed'', ''dead''))'),
+     'CHECK (outcome IN (''sent'', ''failed'', ''dead'', ''deferred'', ''uncertain'', ''suppressed''))'),
     -- a queue row always names a job
     ('queue', 'queue_job_id_present', 'CHECK (job_id IS NOT NULL)'),
     -- a queue row names a job that exists; deleting a job removes it from the queue
@@ -335,7 +375,11 @@ BEGIN
     ('deliveries_job_id_idx', 'ON deliveries (job_id)'),
     -- Attempts by when they ended: per-minute sent and failed, the latest
     -- failures, the per-outcome counts of /metrics, over a window.
-    ('deliveries_finished_idx', 'ON deliveries (finished_at, outcome)')
+    ('deliveries_finished_idx', 'ON deliveries (finished_at, outcome)'),
+    -- The other finished statuses (uncertain, suppressed, bounced): their counts
+    -- and prune's search, without scanning the history of completed jobs.
+    ('jobs_other_finished_idx',
+     'ON jobs (status, end_time) WHERE status IN (''uncertain'', ''suppressed'', ''bounced'')')
     -- (attachments_job_id_idx, above, serves prune's deletes of attachments.)
   ) AS wanted(name, definition)
   LOOP
@@ -355,10 +399,11 @@ DECLARE
 BEGIN
   FOR v IN SELECT * FROM (VALUES
     ('mailqueue_status_counts',
-     'How many jobs are in each of the five statuses, zeros included (mailqueue view v1)',
+     'How many jobs are in each of the eight statuses, zeros included (mailqueue view v2)',
      -- One count per status, each written out so that it reads a partial index
      -- (available and failed: jobs_ready_by_priority_idx; queued: jobs_queued_idx;
-     -- completed and dead: jobs_finished_idx) instead of scanning the history.
+     -- completed and dead: jobs_finished_idx; the others: jobs_other_finished_idx)
+     -- instead of scanning the history.
      $v$
 SELECT 'available'::varchar AS status,
        (SELECT count(*) FROM jobs WHERE status = 'available') AS jobs
@@ -370,6 +415,12 @@ UNION ALL
 SELECT 'failed', (SELECT count(*) FROM jobs WHERE status = 'failed')
 UNION ALL
 SELECT 'dead', (SELECT count(*) FROM jobs WHERE status = 'dead')
+UNION ALL
+SELECT 'uncertain', (SELECT count(*) FROM jobs WHERE status = 'uncertain')
+UNION ALL
+SELECT 'suppressed', (SELECT count(*) FROM jobs WHERE status = 'suppressed')
+UNION ALL
+SELECT 'bounced', (SELECT count(*) FROM jobs WHERE status = 'bounced')
 $v$),
     ('mailqueue_per_minute',
      'Each minute of the last hour: mails sent, attempts failed (failed or dead) and the lag p50/p95 in seconds (mailqueue view v2)',

@@ -4,6 +4,7 @@ import collections
 import email
 import os
 import re
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,12 +128,21 @@ class Forwarder:
 
     def __init__(self, port, target_port):
         import socket
-        import threading
 
         self.port, self.target_port = port, target_port
         self.socket_module, self.threading = socket, threading
         self.server = None
         self.connections = []
+        self.flowing = threading.Event()  # cleared: nothing is forwarded (pause)
+        self.flowing.set()
+
+    def pause(self):
+        """Forward nothing, close nothing: a network cut that TCP does not see
+        (each side's data is acknowledged by this machine, and waits here)."""
+        self.flowing.clear()
+
+    def resume(self):
+        self.flowing.set()
 
     def listen(self):
         socket = self.socket_module
@@ -154,13 +164,14 @@ class Forwarder:
             for a, b in ((client, upstream), (upstream, client)):
                 self.threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(source, target):
+    def _pump(self, source, target):
         try:
             while True:
+                self.flowing.wait()
                 data = source.recv(65536)
                 if not data:
                     break
+                self.flowing.wait()
                 target.sendall(data)
         except OSError:
             pass

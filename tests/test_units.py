@@ -6,9 +6,9 @@ import email.policy
 
 import pytest
 
-from consumer import retry_delay
 from mailqueue import addresses
 from mailqueue import config as configuration
+from mailqueue.backoff import retry_delay
 from mailqueue.config import ConfigError, QueueSettings, SmtpSettings
 from mailqueue.message import BadMail, Composer
 
