@@ -13,7 +13,7 @@ import psycopg2
 import pytest
 
 import mailqueue
-from helpers import ROOT, copies, query, send_what_is_queued
+from helpers import PASSWORD, ROOT, copies, query, send_what_is_queued
 
 LOGO = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) + b"\r\n.\r\n"
 REPORT = b"%PDF-1.4\n\x00\x01\r\n.\r\n" + bytes(range(255, -1, -1)) * 40
@@ -311,3 +311,33 @@ def test_any_text_survives_the_trip_byte_for_byte(app_conn, db):
         (ids[0], "NULL", tricky, tricky, None),
         (ids[1], '"{x}"', "\\", None, ['"A, B" <ab@example.com>']),
     ]
+
+
+def test_enqueue_and_rendering_work_under_the_least_privilege_roles(
+    postgres, database, db, roles, smtp, make_config, scripts
+):
+    query(db, "INSERT INTO templates (name, subject, text) VALUES ('t', 'S {{ n }}', 'marker:r')")
+    app = psycopg2.connect(postgres.dsn(database), user=roles["mailqueue_app"], password=PASSWORD)
+    ids = mailqueue.enqueue_many(
+        app,
+        [
+            dict(to="a@example.com", text="marker:a", attachments=[("a.txt", b"a", "text/plain")]),
+            dict(to="b@example.com", template="t", context={"n": 1}, idempotency_key="k"),
+            dict(to="b@example.com", template="t", context={"n": 1}, idempotency_key="k"),
+        ],
+    )
+    app.commit()
+    app.close()
+    assert ids[0] and ids[1] and ids[2] is None
+    worker = dict(
+        postgres.settings_for(database), user=roles["mailqueue_worker"], password=PASSWORD
+    )
+    # The producer renders and queues under the worker's role (the consumer's own
+    # rights are tests/test_security.py's).
+    done = scripts.run("producer.py", "--config", make_config(database=worker), "--once")
+    assert done.returncode == 0, done.stderr
+    assert query(db, "SELECT job_id, status, subject FROM jobs ORDER BY job_id") == [
+        (ids[0], "queued", None),
+        (ids[1], "queued", "S 1"),
+    ]
+    assert query(db, "SELECT job_id, filename FROM attachments") == [(ids[0], "a.txt")]
