@@ -315,3 +315,33 @@ def test_the_producer_logs_progress_every_ten_seconds_not_once_per_insert(caplog
     now[0] += 30.0
     progress.report()  # nothing happened since: no line
     assert len(caplog.messages) == 1
+
+
+def test_the_search_for_jobs_to_render_reads_its_small_index_not_the_history(db):
+    query(
+        db,
+        "INSERT INTO jobs (email, content_message, status, end_time) "
+        "SELECT 'h' || i || '@example.com', 'x', 'completed', now() "
+        "FROM generate_series(1, 20000) i",
+    )
+    query(
+        db,
+        "INSERT INTO jobs (email, content_message) "
+        "SELECT 'a@example.com', 'x' FROM generate_series(1, 2000)",
+    )
+    query(db, "INSERT INTO jobs (email, template) VALUES ('t@example.com', 't')")
+    query(db, "ANALYZE jobs")
+    with db.cursor() as cur:
+        explained = cur.mogrify(
+            "EXPLAIN (FORMAT JSON) " + QUERIES["render_take_jobs"], {"limit": 100}
+        )
+    [(plan,)] = query(db, explained.decode())
+    plan = plan if isinstance(plan, list) else json.loads(plan)
+    nodes, todo = [], [plan[0]["Plan"]]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        todo.extend(node.get("Plans", []))
+    assert [n.get("Index Name") for n in nodes if n.get("Relation Name") == "jobs"] == [
+        "jobs_to_render_idx"
+    ]
