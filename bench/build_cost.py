@@ -8,6 +8,11 @@ spends per job before anything is sent (one core, no database, no SMTP).
 From bench/bench.py: `from build_cost import build_costs` (bench/ is on sys.path
 there), then build_costs(quick) -> [(kind, microseconds per mail, bytes)].
 
+The last kind is not a build: a stored template rendered (mailqueue.templates,
+as the producer does before queueing: a cached, compiled template of about 400
+bytes in its sandbox; issue 21's target is <= 100 µs per mail); its bytes are
+the rendered subject, text and HTML.
+
 The kinds are measured in turns, several rounds, and the median round is shown:
 on a shared machine, minutes apart can differ by a third. DKIM is a plain mail
 signed with a 2048-bit RSA key (made here with `cryptography`, a test dependency).
@@ -25,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mailqueue import signing  # noqa: E402
+from mailqueue import signing, templates  # noqa: E402
 from mailqueue.config import SmtpSettings  # noqa: E402
 from mailqueue.message import Composer  # noqa: E402
 
@@ -90,6 +95,46 @@ def _dkim_key(directory):
     )
 
 
+# A stored template of a few hundred bytes (subject, text, HTML), as users write them.
+TEMPLATE = templates.Template(
+    "order-confirmed",
+    "vi",
+    "Đơn hàng #{{ order.id }} đã được xác nhận",
+    "Kính gửi {{ name }},\n\nĐơn hàng #{{ order.id }} ({{ order.lines | length }} món, "
+    "{{ order.total }} ₫) sẽ được giao trong {{ days }} ngày làm việc.\n"
+    "{% for line in order.lines %}- {{ line.name }} x {{ line.qty }}\n{% endfor %}",
+    "<p>Kính gửi <b>{{ name }}</b>,</p><p>Đơn hàng #{{ order.id }} sẽ được giao trong "
+    "{{ days }} ngày.</p><ul>{% for line in order.lines %}<li>{{ line.name }} x "
+    "{{ line.qty }}</li>{% endfor %}</ul>",
+    CREATED,
+)
+CONTEXT = {
+    "name": "Nguyễn Thị Lan <lan>",
+    "days": 2,
+    "order": {
+        "id": 42,
+        "total": "2.500.000",
+        "lines": [{"name": "Bàn gỗ", "qty": 1}, {"name": "Ghế", "qty": 4}],
+    },
+}
+
+
+class _Rendering:
+    """A stored template rendered for one job, measured like a build."""
+
+    def __init__(self):
+        self.renderer = templates.Renderer()
+
+    def build(self, job, attachments=()):
+        rendered = self.renderer.render(TEMPLATE, CONTEXT)
+        return _Sized(sum(len(p.encode("utf-8")) for p in rendered.__dict__.values()))
+
+
+class _Sized:
+    def __init__(self, size):
+        self.data = b" " * size
+
+
 def kinds(dkim_key):
     """(name, composer, job, attachments) for each kind of mail measured."""
     plain = Composer(SmtpSettings(sender="Cửa hàng <shop@example.org>"))
@@ -131,6 +176,7 @@ def kinds(dkim_key):
             _job(html_message=HTML),
             (_file("hoá đơn.pdf", PDF, "application/pdf"),),
         ),
+        ("template rendered (cached, ~400 B; not a build)", _Rendering(), None, ()),
     ]
 
 

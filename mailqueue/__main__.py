@@ -7,6 +7,7 @@
     suppress  add|remove|list|import ...        the suppression list
     bounces   --maildir PATH | --imap URL       read bounces and complaints back
     unsubscribe-server [--host] [--port 8026]   one-click unsubscribe (RFC 8058)
+    template  render NAME [--locale L] --context ctx.json | list   stored templates
 
 Each takes --config PATH (default config.json) and --log-level, like the scripts.
 Durations are 30d, 12h or 15m; anything else is one line and exit code 2, before
@@ -28,6 +29,7 @@ from mailqueue import (
     durations,
     report,
     suppressions,
+    template_command,
     unsubscribe,
 )
 
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("suppress", suppressions.add_arguments, "add, remove, list or import suppressions"),
         ("bounces", bounces.add_arguments, "read DSNs and complaints from a mailbox"),
         ("unsubscribe-server", unsubscribe.add_arguments, "one-click unsubscribe (RFC 8058)"),
+        ("template", template_command.add_arguments, "preview and list stored templates"),
     ):
         command = commands.add_parser(name, help=about, description=about)
         cli.add_common_arguments(command)
@@ -80,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return dashboard.run(args, config)
     if args.command == "unsubscribe-server":
         return unsubscribe.run(args, config)
+    if args.command == "template":
+        return template_command.run(args, config)
     conn = report.connect(config, "mailqueue %s" % args.command)
     try:
         if args.command == "suppress":

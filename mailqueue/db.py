@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -12,14 +11,10 @@ from typing import Any
 
 import psycopg2
 
-log = logging.getLogger(__name__)
+# The queries, and where they are read from (mailqueue.sqlfile: no driver needed).
+from mailqueue.sqlfile import QUERIES, SQL_DIR, load_queries  # noqa: F401
 
-# sql/ is beside the package in a checkout, and inside it once `pip install .`
-# has put it there (pyproject.toml).
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
-SQL_DIR = os.path.join(_PACKAGE, "sql")
-if not os.path.isdir(SQL_DIR):
-    SQL_DIR = os.path.join(os.path.dirname(_PACKAGE), "sql")
+log = logging.getLogger(__name__)
 
 # What a lost or unreachable server raises; the caller reconnects.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
@@ -38,19 +33,6 @@ _CONNECT_OPTIONS = dict(
     keepalives_count=3,
     tcp_user_timeout=10000,
 )
-
-_HEADER = re.compile(r"^-- (\w+) --$", re.MULTILINE)
-
-
-def load_queries(path: str = os.path.join(SQL_DIR, "queries.sql")) -> dict[str, str]:  # noqa: B008
-    """{name: sql} from a file of `-- name --` headers, each followed by one query."""
-    with open(path, encoding="utf-8") as f:
-        parts = _HEADER.split(f.read())
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
-
-
-QUERIES = load_queries()
 
 # No query is PREPAREd: SQL-level PREPARE breaks behind a pooler in transaction
 # mode (the next transaction may run on another server connection), and the hot

@@ -370,8 +370,10 @@ _CONTENT_ID = re.compile(r"%s(?:@%s)?\Z" % (_ID_PART, _ID_PART))
 MAX_FILENAME_CHARS = 255
 
 
-def _attachment(row: Mapping[str, Any], number: int) -> tuple[tuple[str, bytes], str | None]:
-    """One `attachments` row -> ((headers, body), content_id or None)."""
+def check_attachment(row: Mapping[str, Any], number: int) -> tuple[str, str, str | None]:
+    """One `attachments` row's (filename, content type, content_id without its
+    < >, or None), or BadMail naming the attachment and what is wrong. Also what
+    mailqueue.enqueue checks before a file is written."""
     what = "attachment %d" % number
     filename = row["filename"]
     if filename is None or not filename.strip():
@@ -407,8 +409,14 @@ def _attachment(row: Mapping[str, Any], number: int) -> tuple[tuple[str, bytes],
                 % (what, addresses._shown(content_id))
             )
         content_id = cid
+    return filename, "%s/%s%s" % matched.groups(), content_id
+
+
+def _attachment(row: Mapping[str, Any], number: int) -> tuple[tuple[str, bytes], str | None]:
+    """One `attachments` row -> ((headers, body), content_id or None)."""
+    filename, content_type, content_id = check_attachment(row, number)
     headers = "Content-Type: %s;\r\n %s\r\n" % (
-        "%s/%s%s" % matched.groups(),
+        content_type,
         _parameter("name", filename),
     )
     headers += "Content-Disposition: %s;\r\n %s\r\n" % (

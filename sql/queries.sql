@@ -8,7 +8,8 @@
 -- =============================================================================
 
 -- move_ready_jobs --
--- Move up to %(limit)s ready jobs (available, or failed and due for a retry) into
+-- Move up to %(limit)s ready jobs (available, or failed and due for a retry, and
+-- rendered if they have a template) into
 -- the queue, highest priority first, then oldest. SKIP LOCKED lets several
 -- producers run at once without waiting on each other, and each job is moved
 -- exactly once: its status leaves the ready set in the same statement. A job whose
@@ -20,6 +21,8 @@ WITH ready AS (
    WHERE status IN ('available', 'failed')
      AND run_at <= now()
      AND NOT EXISTS (SELECT 1 FROM queue WHERE queue.job_id = jobs.job_id)
+     -- a job with a template goes once it is rendered (render_take_jobs)
+     AND (template IS NULL OR rendered_at IS NOT NULL)
    ORDER BY priority DESC, run_at, job_id
    LIMIT %(limit)s
      FOR UPDATE SKIP LOCKED
@@ -779,3 +782,132 @@ ON CONFLICT (email) DO UPDATE
        job_id = (SELECT job_id FROM jobs WHERE job_id = %(job_id)s),
        detail = %(detail)s, created_at = now(), expires_at = NULL
  WHERE s.expires_at IS NOT NULL AND s.expires_at <= now();
+
+
+-- =============================================================================
+-- Producer: stored templates, rendered into their jobs before they are queued
+-- (mailqueue/templates.py, render_ready_jobs; the three run in one transaction)
+-- =============================================================================
+
+-- render_take_jobs --
+-- Up to %(limit)s jobs that are due and wait for their template to be rendered,
+-- in the order move_ready_jobs would queue them (jobs_to_render_idx). Locked until
+-- the transaction ends; SKIP LOCKED: several producers render different jobs.
+SELECT job_id, template, locale, context, subject, content_message, html_message
+  FROM jobs
+ WHERE template IS NOT NULL AND rendered_at IS NULL
+   AND status IN ('available', 'failed')
+   AND run_at <= now()
+ ORDER BY priority DESC, run_at, job_id
+ LIMIT %(limit)s
+   FOR UPDATE SKIP LOCKED;
+
+-- render_templates_named --
+-- Every locale of the templates named %(names)s (the producer's cache compiles a
+-- row again only when its updated_at changed).
+SELECT name, locale, subject, text, html, updated_at
+  FROM templates
+ WHERE name = ANY (%(names)s::varchar[]);
+
+-- render_record --
+-- The outcome of rendering each job taken: its subject and parts written into
+-- its own columns (a retry sends the same bytes, and editing the template later
+-- changes nothing), or, where %(errors)s has a reason, the job is dead, spending
+-- no attempt, and the reason is in last_error and in the attempt log.
+WITH done AS (
+  SELECT *
+    FROM unnest(%(job_ids)s::int[], %(subjects)s::text[], %(texts)s::text[],
+                %(htmls)s::text[], %(errors)s::text[])
+         AS d(job_id, subject, text, html, error)
+), rendered AS (
+  UPDATE jobs
+     SET subject = done.subject, content_message = done.text, html_message = done.html,
+         rendered_at = now()
+    FROM done
+   WHERE jobs.job_id = done.job_id AND done.error IS NULL
+), dead AS (
+  UPDATE jobs
+     SET status = 'dead', end_time = now(), last_error = done.error
+    FROM done
+   WHERE jobs.job_id = done.job_id AND done.error IS NOT NULL
+  RETURNING jobs.job_id, jobs.attempts, done.error
+)
+INSERT INTO deliveries (job_id, attempt, started_at, finished_at, outcome, detail)
+SELECT job_id, GREATEST(attempts, 1), now(), now(), 'dead', error
+  FROM dead;
+
+-- template_list --
+-- python -m mailqueue template list: every template, by name and locale.
+SELECT name, locale, updated_at, subject, text IS NOT NULL AS has_text,
+       html IS NOT NULL AS has_html
+  FROM templates
+ ORDER BY name, locale;
+
+-- template_named --
+-- python -m mailqueue template render NAME: its locales.
+SELECT name, locale, subject, text, html, updated_at
+  FROM templates
+ WHERE name = %(template)s;
+
+-- =============================================================================
+-- The Python way in: mailqueue.enqueue / enqueue_many (mailqueue/enqueuing.py),
+-- run in the application's own transaction, on its own connection
+-- =============================================================================
+
+-- enqueue_jobs --
+-- Many mails, each with its files, in one statement: one array per column, one
+-- element per mail (cc, bcc, headers and context as JSON text); the files' arrays
+-- name their mail by its position (file_of, from 1). Each job's id is drawn first
+-- so that its files can name it; a mail whose idempotency_key is already queued
+-- (or repeated earlier in the same call) is skipped with its files. One row per
+-- mail comes back, in order: its job_id, or NULL when it was skipped. The
+-- /*extra ...*/ marks take the application's own columns (enqueue's **columns).
+WITH mail AS (
+  SELECT nextval(pg_get_serial_sequence('jobs', 'job_id'))::int AS job_id, m.*
+    FROM unnest(%(email)s::varchar[], %(subject)s::varchar[], %(content_message)s::varchar[],
+                %(html_message)s::text[], %(sender)s::varchar[], %(reply_to)s::varchar[],
+                %(cc)s::text[], %(bcc)s::text[], %(headers)s::text[], %(priority)s::int[],
+                %(run_at)s::timestamptz[], %(expires_at)s::timestamptz[],
+                %(idempotency_key)s::varchar[], %(template)s::varchar[], %(context)s::text[],
+                %(locale)s::varchar[] /*extra arrays*/)
+         WITH ORDINALITY
+         AS m(email, subject, content_message, html_message, sender, reply_to, cc, bcc,
+              headers, priority, run_at, expires_at, idempotency_key, template, context,
+              locale /*extra names*/, n)
+), job AS (
+  INSERT INTO jobs (job_id, email, subject, content_message, html_message, sender, reply_to,
+                    cc, bcc, headers, priority, run_at, expires_at, idempotency_key,
+                    template, context, locale /*extra columns*/)
+  SELECT job_id, email, subject, content_message, html_message, sender, reply_to,
+         CASE WHEN cc IS NOT NULL
+              THEN ARRAY(SELECT a FROM jsonb_array_elements_text(cc::jsonb) WITH ORDINALITY
+                                       AS x(a, i) ORDER BY i) END,
+         CASE WHEN bcc IS NOT NULL
+              THEN ARRAY(SELECT a FROM jsonb_array_elements_text(bcc::jsonb) WITH ORDINALITY
+                                       AS x(a, i) ORDER BY i) END,
+         headers::jsonb, COALESCE(priority, 0), COALESCE(run_at, now()), expires_at,
+         idempotency_key, template, context::jsonb, locale /*extra values*/
+    FROM mail
+   ORDER BY n
+  ON CONFLICT (idempotency_key) DO NOTHING
+  RETURNING job_id
+), file AS (
+  INSERT INTO attachments (job_id, filename, content_type, content, content_id)
+  SELECT job.job_id, f.filename, f.content_type, f.content, f.content_id
+    FROM unnest(%(file_of)s::int[], %(filename)s::varchar[], %(content_type)s::varchar[],
+                %(content)s::bytea[], %(content_id)s::varchar[]) WITH ORDINALITY
+         AS f(n, filename, content_type, content, content_id, position)
+    JOIN mail ON mail.n = f.n
+    JOIN job ON job.job_id = mail.job_id
+   ORDER BY f.position
+)
+SELECT job.job_id
+  FROM mail
+  LEFT JOIN job ON job.job_id = mail.job_id
+ ORDER BY mail.n;
+
+-- enqueue_job_columns --
+-- The columns of jobs, for enqueue's **columns (an application's own columns).
+SELECT attname::text, format_type(atttypid, atttypmod)
+  FROM pg_attribute
+ WHERE attrelid = 'jobs'::regclass AND attnum > 0 AND NOT attisdropped;

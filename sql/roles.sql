@@ -40,11 +40,15 @@ GRANT USAGE ON SEQUENCE attachments_attachment_id_seq TO mailqueue_app;
 
 -- The scripts: read jobs and change only their bookkeeping columns; move rows
 -- through the queue. They cannot insert or delete jobs, nor change a mail's
--- address, subject or content.
+-- address, nor its subject or content but by rendering its template.
 GRANT SELECT ON jobs TO mailqueue_worker;
 GRANT UPDATE (status, start_time, end_time, attempts, last_error, run_at,
               deferrals, deferred_since, pending_recipients) ON jobs
   TO mailqueue_worker;
+-- The producer renders a job's stored template into the job's subject and parts
+-- (once, before it is queued: mailqueue/templates.py); it reads the templates.
+GRANT UPDATE (subject, content_message, html_message, rendered_at) ON jobs TO mailqueue_worker;
+GRANT SELECT ON templates TO mailqueue_worker;
 -- (UPDATE on queue only because SELECT ... FOR UPDATE requires it; no query updates it.)
 GRANT SELECT, INSERT, UPDATE, DELETE ON queue TO mailqueue_worker;
 GRANT USAGE ON SEQUENCE queue_queue_id_seq TO mailqueue_worker;

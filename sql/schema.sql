@@ -713,3 +713,125 @@ BEGIN
   END LOOP;
 END
 $$;
+
+
+-- =============================================================================
+-- Mail in from Python: stored templates (issue 21; mailqueue.enqueue, the
+-- producer renders them: mailqueue/templates.py, docs/templates.md)
+-- =============================================================================
+
+-- templates: a mail's subject, text and HTML as Jinja2 templates, one row per
+-- name and locale ('' is the default locale, used when no other matches).
+--   INSERT INTO templates (name, locale, subject, text)
+--   VALUES ('welcome', '', 'Welcome, {{ name }}', 'Hello {{ name }}!');
+CREATE TABLE IF NOT EXISTS templates (
+  template_id SERIAL PRIMARY KEY,
+  name VARCHAR NOT NULL,
+  locale VARCHAR NOT NULL DEFAULT '',   -- 'vi-VN', 'vi', ... or '' for the default
+  subject TEXT,                         -- NULL: the job's own subject (or the default)
+  text TEXT,                            -- the plain-text part; NULL: the job's content_message
+  html TEXT,                            -- the HTML part (escaped by default); NULL: none
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT now()  -- set again by every UPDATE (trigger below)
+);
+
+-- A job asks for a template by name; the producer renders it (once) into the
+-- job's subject, content_message and html_message before queueing it.
+DO $$
+DECLARE
+  col RECORD;
+BEGIN
+  FOR col IN SELECT * FROM (VALUES
+    -- the template's name (templates.name); NULL: the job's columns are the mail
+    ('jobs', 'template', 'VARCHAR'),
+    -- the template's variables, a JSON object, e.g. {"name": "Lan"}
+    ('jobs', 'context', 'JSONB'),
+    -- the wanted locale, e.g. 'vi-VN' (then 'vi', then ''); NULL means ''
+    ('jobs', 'locale', 'VARCHAR'),
+    -- when the template was rendered into the job's columns; NULL: not yet
+    ('jobs', 'rendered_at', 'TIMESTAMPTZ')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = col.tbl::regclass AND attname = col.name
+                     AND NOT attisdropped) THEN
+      EXECUTE format('ALTER TABLE %I ADD COLUMN %I %s', col.tbl, col.name, col.definition);
+    END IF;
+  END LOOP;
+END
+$$;
+
+DO $$
+DECLARE
+  con RECORD;
+BEGIN
+  FOR con IN SELECT * FROM (VALUES
+    -- a job's context is a JSON object (or NULL): the template's variables by name
+    ('jobs', 'jobs_context_is_object',
+     'CHECK (context IS NULL OR jsonb_typeof(context) = ''object'')'),
+    -- a template has a name, and at least one part to render
+    ('templates', 'templates_name_present', 'CHECK (name <> '''')'),
+    ('templates', 'templates_has_a_part',
+     'CHECK (subject IS NOT NULL OR text IS NOT NULL OR html IS NOT NULL)')
+  ) AS wanted(tbl, name, definition)
+  LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = con.tbl::regclass AND conname = con.name) THEN
+      EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I %s NOT VALID',
+                     con.tbl, con.name, con.definition);
+      BEGIN
+        EXECUTE format('ALTER TABLE %I VALIDATE CONSTRAINT %I', con.tbl, con.name);
+      EXCEPTION WHEN check_violation THEN
+        RAISE WARNING 'existing rows of % break constraint %; new rows are checked, fix the old ones and run this script again',
+          con.tbl, con.name;
+      END;
+    END IF;
+  END LOOP;
+END
+$$;
+
+DO $$
+DECLARE
+  idx RECORD;
+BEGIN
+  FOR idx IN SELECT * FROM (VALUES
+    -- One template per name and locale: a job's (name, locale) finds one row.
+    -- Unique and plain, so that INSERT ... ON CONFLICT (name, locale) DO UPDATE
+    -- can name it.
+    ('templates_name_locale_key', 'UNIQUE INDEX', 'ON templates (name, locale)'),
+    -- The producer's search for jobs to render: only jobs that wait for their
+    -- template are in it (a job leaves it once rendered, or dead), so it stays
+    -- tiny however long the history is.
+    ('jobs_to_render_idx', 'INDEX',
+     'ON jobs (priority DESC, run_at, job_id) WHERE template IS NOT NULL AND rendered_at IS NULL AND status IN (''available'', ''failed'')')
+  ) AS wanted(name, kind, definition)
+  LOOP
+    IF to_regclass(idx.name) IS NULL THEN
+      EXECUTE format('CREATE %s %I %s', idx.kind, idx.name, idx.definition);
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- An edited template gets a new updated_at, which is how the producer's cache of
+-- compiled templates learns of the edit (clock_timestamp: two edits in one
+-- transaction still differ).
+CREATE OR REPLACE FUNCTION mailqueue_template_touched() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog
+AS $$
+BEGIN
+  NEW.updated_at := clock_timestamp();
+  RETURN NEW;
+END
+$$;
+
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                 WHERE tgrelid = 'templates'::regclass AND tgname = 'templates_touch') THEN
+    CREATE TRIGGER templates_touch
+      BEFORE UPDATE ON templates
+      FOR EACH ROW EXECUTE PROCEDURE mailqueue_template_touched();
+  END IF;
+END
+$$;
