@@ -98,20 +98,10 @@ class ConnectionGate:
 
     def opened(self) -> None:
         """The connection of a slot is open."""
-        back = None
         with self.changed:
             self.connecting -= 1
             self.open += 1
-            self.successes += 1
-            if self.down_since is not None:
-                back = self.clock() - self.down_since
-                self.down_since = None
-                self.backoff.reset()
-            self.changed.notify_all()
-        if back is not None:
-            log.warning("the SMTP relay %s can be reached again (after %.0f s)", self.relay, back)
-            if self.on_back is not None:
-                self.on_back()
+        self.recovered()
 
     def released(self, was_open: bool, was_connecting: bool = False) -> None:
         """A slot is given up: its connection closed (`was_open`), or it was
@@ -170,17 +160,19 @@ class ConnectionGate:
         log.warning("%s; trying again in %.1f s", exc, wait)
 
     def recovered(self) -> None:
-        """A probe (mailqueue/routing.py) could connect: the relay works again."""
+        """A connection opened, or a probe (mailqueue/routing.py) could connect:
+        the relay works; if it did not, it is back (said once, and the claimer rung)."""
         with self.changed:
             self.successes += 1
             back = None if self.down_since is None else self.clock() - self.down_since
-            self.down_since, self.retry_at = None, 0.0
-            self.backoff.reset()
+            if back is not None:
+                self.down_since, self.retry_at = None, 0.0
+                self.backoff.reset()
             self.changed.notify_all()
         if back is not None:
             log.warning("the SMTP relay %s can be reached again (after %.0f s)", self.relay, back)
-        if self.on_back is not None:
-            self.on_back()
+            if self.on_back is not None:
+                self.on_back()
 
     def retry_now(self) -> None:
         """The next try may be made at once (this process won the right to probe)."""
