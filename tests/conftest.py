@@ -29,6 +29,29 @@ from mailqueue.devservers import (
 
 PREFIX = "mailqueue_test_"
 
+# Whole files of long runs against real servers (faults, relays, replies, plans at
+# a million rows, Dovecot, Chromium, PgBouncer): marked slow. CI runs them on each
+# PostgreSQL with python3, and leaves them out on the other Pythons, where the
+# rest of the suite checks the same code (.ci/run).
+SLOW_FILES = {
+    "test_faults.py",
+    "test_claim_path.py",
+    "test_relay.py",
+    "test_relay_replies.py",
+    "test_relays_sending.py",
+    "test_pgbouncer.py",
+    "test_plans.py",
+    "test_bounces.py",
+    "test_unsubscribe.py",
+    "test_dashboard_page.py",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
 
 class PostgresServer:
     """A server we may create databases on, and the databases we created."""

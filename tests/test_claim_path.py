@@ -91,7 +91,6 @@ def test_a_dba_statement_timeout_on_big_attachments_strands_nothing(
     assert_every_job_completed_once(db, smtp, markers)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["service", "drain"])
 def test_a_killed_consumers_claims_come_back_while_the_other_has_a_backlog(
     db, smtp, make_config, scripts, mode

@@ -44,7 +44,6 @@ def deliveries_of(db, email):
     )
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "reply",
     [
@@ -207,7 +206,6 @@ def test_a_consumer_that_stops_says_quit_on_its_connections(db, smtp, make_confi
 LIVE_PHASES = ("mail", "rcpt", "dot")  # aiosmtpd answers DATA with 354 itself
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "server, phase, code, text, action",
     [row for row in table_of_replies() if row[1] in LIVE_PHASES],
