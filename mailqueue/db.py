@@ -22,11 +22,12 @@ Error = psycopg2.Error  # anything a query can raise
 DataError = psycopg2.DataError  # a value the statement cannot take
 IntegrityError = psycopg2.IntegrityError  # a constraint the statement would break
 
-# TCP keepalives find a connection whose server or network died silently while
-# it is idle (about 11 s); tcp_user_timeout while data waits for its
-# acknowledgement (10 s), where retransmissions alone would take minutes.
+# A connection attempt gives up after 5 s (a cut network heals into a new
+# connection that soon). TCP keepalives find a connection whose server or network
+# died silently while it is idle (about 11 s); tcp_user_timeout while data waits
+# for its acknowledgement (10 s), where retransmissions alone would take minutes.
 _CONNECT_OPTIONS = dict(
-    connect_timeout=10,
+    connect_timeout=5,
     keepalives=1,
     keepalives_idle=5,
     keepalives_interval=2,

@@ -126,9 +126,6 @@ def as_text(report: dict[str, Any], window: str) -> str:
         lines += ["  %6d  %s" % (f["jobs"], f["reason"]) for f in report["failures"]]
     else:
         lines.append("No attempt failed.")
-    if report["relays"]:
-        lines.append("Relays (sent and failed in the last %s):" % window)
-        lines += ["  " + _relay_line(name, r) for name, r in report["relays"].items()]
     lines += [
         "After sending, in the last %s:" % window,
         "  bounce rate     %7s  (Amazon SES reviews at %s)"
@@ -142,6 +139,9 @@ def as_text(report: dict[str, Any], window: str) -> str:
         "Suppressed addresses: %s"
         % ", ".join("%s %d" % item for item in report["suppressed"].items()),
     ]
+    if report["relays"]:
+        lines.append("Relays (sent and failed in the last %s):" % window)
+        lines += ["  " + _relay_line(name, r) for name, r in report["relays"].items()]
     return "\n".join(lines)
 
 

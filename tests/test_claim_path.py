@@ -162,7 +162,7 @@ def test_a_network_cut_tcp_does_not_see_is_noticed_and_work_resumes_after_it(
         before = len(smtp.received)
         cut.resume()
         healed_at = time.monotonic()
-        wait_until(lambda: len(smtp.received) > before, timeout=15, what="sending to resume")
+        wait_until(lambda: len(smtp.received) > before, timeout=30, what="sending to resume")
         resumed = time.monotonic() - healed_at
         print(
             "\ncut noticed after %.1f s; sending resumed %.1f s after the heal" % (noticed, resumed)
