@@ -19,7 +19,7 @@ import psycopg2.extensions
 import pytest
 
 from helpers import PASSWORD, ROOT, query
-from mailqueue.devservers import (
+from devservers import (
     SmtpSink,
     ThrowawayPgbouncer,
     ThrowawayPostgres,

@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 from helpers import wait_until
-from mailqueue.devservers import free_port
+from devservers import free_port
 
 BINARY = "/usr/sbin/dovecot"
 USER = "bounces"

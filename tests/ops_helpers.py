@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 from helpers import ROOT, query, wait_until
-from mailqueue.devservers import free_port
+from devservers import free_port
 
 
 def finished_job(

@@ -9,7 +9,7 @@ import psycopg2
 import pytest
 
 from helpers import query, recipients, status_counts
-from mailqueue.devservers import SmtpSink
+from devservers import SmtpSink
 
 MEGABYTE = "Tiếng Việt có dấu. " * 40000  # ~1 MB of UTF-8 text
 SMUGGLED = (

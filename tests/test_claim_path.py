@@ -26,7 +26,7 @@ from helpers import (
     status_counts,
     wait_until,
 )
-from mailqueue.devservers import free_port
+from devservers import free_port
 
 LEASE = 3  # seconds: a short claim lease, so that these tests are short
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from helpers import Forwarder, query, wait_until
-from mailqueue.devservers import SmtpSink, free_port
+from devservers import SmtpSink, free_port
 
 SCRIPTS = ["consumer.py", "producer.py"]
 

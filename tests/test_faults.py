@@ -27,7 +27,7 @@ from helpers import (
     wait_until,
 )
 from mailqueue.db import QUERIES
-from mailqueue.devservers import SmtpSink
+from devservers import SmtpSink
 
 LEASE = 3  # seconds: a short claim lease, so that a killed consumer's jobs come back soon
 

@@ -15,7 +15,7 @@ from helpers import (
     status_counts,
     wait_until,
 )
-from mailqueue.devservers import SmtpSink
+from devservers import SmtpSink
 
 
 def busiest_second(times):

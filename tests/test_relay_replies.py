@@ -13,7 +13,7 @@ from helpers import (
     status_counts,
     wait_until,
 )
-from mailqueue.devservers import SmtpSink
+from devservers import SmtpSink
 from ops_helpers import mailqueue
 from test_replies import table_of_replies
 

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from helpers import copies, query, queue_marked, status_counts, wait_until
-from mailqueue.devservers import SmtpSink
+from devservers import SmtpSink
 
 FAST = {"retry_delay": 0, "max_retry_delay": 0, "relay_retry_after": 2}
 

@@ -9,7 +9,7 @@ import psycopg2.errors
 import pytest
 
 from helpers import ROOT, query, wait_until
-from mailqueue.devservers import apply_schema
+from devservers import apply_schema
 
 SCHEMA = os.path.join(ROOT, "sql", "schema.sql")
 

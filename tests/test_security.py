@@ -10,7 +10,7 @@ import trustme
 from aiosmtpd.smtp import AuthResult
 
 from helpers import PASSWORD, insert_jobs, query, recipients, status_counts
-from mailqueue.devservers import SmtpSink
+from devservers import SmtpSink
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import email
 import pytest
 
 from helpers import marker_of, query, send_what_is_queued
-from mailqueue.devservers import SmtpSink
+from devservers import SmtpSink
 
 SEND_PATH_SCREENS = True  # True once the consumer calls suppressions.screen (issue 20)
 

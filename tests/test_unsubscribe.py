@@ -20,7 +20,7 @@ import pytest
 from helpers import PASSWORD, ROOT, query, wait_until
 from mailqueue import signing, tokens
 from mailqueue.config import SmtpSettings
-from mailqueue.devservers import free_port
+from devservers import free_port
 from mailqueue.message import BadMail, Composer
 from test_message import dns_for, job, write_dkim_key
 
