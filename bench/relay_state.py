@@ -24,8 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/devservers.py: throwaway servers
 
-from mailqueue import relays  # noqa: E402
 from devservers import ThrowawayPostgres, apply_schema, run_sql  # noqa: E402
+from mailqueue import relays  # noqa: E402
 
 
 def connect(dsn):

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/devservers.py: throwawa
 import psycopg2  # noqa: E402
 import psycopg2.extensions  # noqa: E402
 
-from mailqueue import db  # noqa: E402
 from devservers import apply_schema, run_sql  # noqa: E402
+from mailqueue import db  # noqa: E402
 from mailqueue.suppressions import addresses_of, screen  # noqa: E402
 
 

@@ -18,7 +18,6 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from helpers import PASSWORD, ROOT, query
 from devservers import (
     SmtpSink,
     ThrowawayPgbouncer,
@@ -26,6 +25,7 @@ from devservers import (
     apply_schema,
     run_sql,
 )
+from helpers import PASSWORD, ROOT, query
 
 PREFIX = "mailqueue_test_"
 

@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
-from helpers import wait_until
 from devservers import free_port
+from helpers import wait_until
 
 BINARY = "/usr/sbin/dovecot"
 USER = "bounces"

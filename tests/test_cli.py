@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from helpers import Forwarder, query, wait_until
 from devservers import SmtpSink, free_port
+from helpers import Forwarder, query, wait_until
 
 SCRIPTS = ["consumer.py", "producer.py"]
 
