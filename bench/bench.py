@@ -57,11 +57,12 @@ import psycopg2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/devservers.py: throwaway servers
 
 from build_cost import build_costs  # noqa: E402
 from timing_sink import TimingSink  # noqa: E402
 
-from mailqueue.devservers import (  # noqa: E402
+from devservers import (  # noqa: E402
     ThrowawayPostgres,
     apply_schema,
     free_port,

@@ -4,7 +4,7 @@
     python bench/enqueue_rate.py --mails 20000 --batch 500 --driver psycopg
     python bench/enqueue_rate.py --json
 
-A throwaway PostgreSQL (mailqueue.devservers, as bench/bench.py starts one) with
+A throwaway PostgreSQL (tests/devservers.py, as bench/bench.py starts one) with
 the schema; an application connection (psycopg2, or psycopg 3 with --driver
 psycopg) commits after each enqueue_many call of --batch mails, each mail with
 its own recipient, a subject and a ~1 KB Vietnamese text, as bench.py's. The
@@ -22,9 +22,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/devservers.py: throwaway servers
 
 import mailqueue  # noqa: E402
-from mailqueue.devservers import ThrowawayPostgres, apply_schema, run_sql  # noqa: E402
+from devservers import ThrowawayPostgres, apply_schema, run_sql  # noqa: E402
 
 TEXT = (
     "Kính gửi quý khách, đơn hàng của bạn đã được xác nhận và sẽ được giao trong "

@@ -22,9 +22,10 @@ import psycopg2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/devservers.py: throwaway servers
 
+from devservers import ThrowawayPostgres, apply_schema, run_sql  # noqa: E402
 from mailqueue import relays  # noqa: E402
-from mailqueue.devservers import ThrowawayPostgres, apply_schema, run_sql  # noqa: E402
 
 
 def connect(dsn):

@@ -19,12 +19,13 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/devservers.py: throwaway servers
 
 import psycopg2  # noqa: E402
 import psycopg2.extensions  # noqa: E402
 
+from devservers import apply_schema, run_sql  # noqa: E402
 from mailqueue import db  # noqa: E402
-from mailqueue.devservers import apply_schema, run_sql  # noqa: E402
 from mailqueue.suppressions import addresses_of, screen  # noqa: E402
 
 

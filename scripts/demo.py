@@ -22,8 +22,9 @@ import psycopg2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/devservers.py: throwaway servers
 
-from mailqueue.devservers import SmtpSink, ThrowawayPostgres, apply_schema  # noqa: E402
+from devservers import SmtpSink, ThrowawayPostgres, apply_schema  # noqa: E402
 
 SUBJECTS = [
     "Xác nhận đơn hàng của bạn",

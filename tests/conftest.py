@@ -18,14 +18,14 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from helpers import PASSWORD, ROOT, query
-from mailqueue.devservers import (
+from devservers import (
     SmtpSink,
     ThrowawayPgbouncer,
     ThrowawayPostgres,
     apply_schema,
     run_sql,
 )
+from helpers import PASSWORD, ROOT, query
 
 PREFIX = "mailqueue_test_"
 

@@ -18,8 +18,8 @@ import uuid
 
 import pytest
 
+from devservers import free_port
 from helpers import wait_until
-from mailqueue.devservers import free_port
 
 BINARY = "/usr/sbin/dovecot"
 USER = "bounces"

@@ -7,8 +7,8 @@ import sys
 import urllib.error
 import urllib.request
 
+from devservers import free_port
 from helpers import ROOT, query, wait_until
-from mailqueue.devservers import free_port
 
 
 def finished_job(

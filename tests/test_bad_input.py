@@ -8,8 +8,8 @@ import email.policy
 import psycopg2
 import pytest
 
+from devservers import SmtpSink
 from helpers import query, recipients, status_counts
-from mailqueue.devservers import SmtpSink
 
 MEGABYTE = "Tiếng Việt có dấu. " * 40000  # ~1 MB of UTF-8 text
 SMUGGLED = (

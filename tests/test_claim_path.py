@@ -16,6 +16,7 @@ import time
 import psycopg2
 import pytest
 
+from devservers import free_port
 from helpers import (
     ROOT,
     Forwarder,
@@ -26,7 +27,6 @@ from helpers import (
     status_counts,
     wait_until,
 )
-from mailqueue.devservers import free_port
 
 LEASE = 3  # seconds: a short claim lease, so that these tests are short
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
+from devservers import SmtpSink, free_port
 from helpers import Forwarder, query, wait_until
-from mailqueue.devservers import SmtpSink, free_port
 
 SCRIPTS = ["consumer.py", "producer.py"]
 

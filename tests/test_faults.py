@@ -14,6 +14,7 @@ import psycopg2
 import pytest
 
 from consumer import POLL_INTERVAL
+from devservers import SmtpSink
 from helpers import (
     arrivals,
     assert_every_job_completed_once,
@@ -27,7 +28,6 @@ from helpers import (
     wait_until,
 )
 from mailqueue.db import QUERIES
-from mailqueue.devservers import SmtpSink
 
 LEASE = 3  # seconds: a short claim lease, so that a killed consumer's jobs come back soon
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from devservers import free_port
 from helpers import ROOT, query, wait_until
 from mailqueue import cli
-from mailqueue.devservers import free_port
 from test_cli import SCRIPTS, assert_one_clear_line
 
 

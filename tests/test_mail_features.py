@@ -11,8 +11,8 @@ import dkim
 import psycopg2
 import pytest
 
+from devservers import SmtpSink
 from helpers import PASSWORD, copies, query, recipients, send_what_is_queued, status_counts
-from mailqueue.devservers import SmtpSink
 from test_message import BINARY, HTML, VIETNAMESE, dns_for, write_dkim_key
 
 LOGO = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) + b"\r\n.\r\n"

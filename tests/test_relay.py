@@ -6,6 +6,7 @@ import collections
 import threading
 import time
 
+from devservers import SmtpSink
 from helpers import (
     assert_every_job_completed_once,
     copies,
@@ -15,7 +16,6 @@ from helpers import (
     status_counts,
     wait_until,
 )
-from mailqueue.devservers import SmtpSink
 
 
 def busiest_second(times):

@@ -5,6 +5,7 @@ alone, and a consumer that stops says QUIT."""
 
 import pytest
 
+from devservers import SmtpSink
 from helpers import (
     copies,
     insert_jobs,
@@ -13,7 +14,6 @@ from helpers import (
     status_counts,
     wait_until,
 )
-from mailqueue.devservers import SmtpSink
 from ops_helpers import mailqueue
 from test_replies import table_of_replies
 

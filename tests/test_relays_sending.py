@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
+from devservers import SmtpSink
 from helpers import copies, query, queue_marked, status_counts, wait_until
-from mailqueue.devservers import SmtpSink
 
 FAST = {"retry_delay": 0, "max_retry_delay": 0, "relay_retry_after": 2}
 

@@ -8,8 +8,8 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
+from devservers import apply_schema
 from helpers import ROOT, query, wait_until
-from mailqueue.devservers import apply_schema
 
 SCHEMA = os.path.join(ROOT, "sql", "schema.sql")
 

@@ -9,8 +9,8 @@ import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult
 
+from devservers import SmtpSink
 from helpers import PASSWORD, insert_jobs, query, recipients, status_counts
-from mailqueue.devservers import SmtpSink
 
 
 @pytest.fixture(scope="module")

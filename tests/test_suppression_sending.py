@@ -11,8 +11,8 @@ import email
 
 import pytest
 
+from devservers import SmtpSink
 from helpers import marker_of, query, send_what_is_queued
-from mailqueue.devservers import SmtpSink
 
 SEND_PATH_SCREENS = True  # True once the consumer calls suppressions.screen (issue 20)
 

@@ -17,10 +17,10 @@ import urllib.request
 import dkim
 import pytest
 
+from devservers import free_port
 from helpers import PASSWORD, ROOT, query, wait_until
 from mailqueue import signing, tokens
 from mailqueue.config import SmtpSettings
-from mailqueue.devservers import free_port
 from mailqueue.message import BadMail, Composer
 from test_message import dns_for, job, write_dkim_key
 
