@@ -15,9 +15,9 @@ import sys
 import psycopg2
 import pytest
 
+import devservers
 from helpers import ROOT, query
 from mailqueue import config as configuration
-from mailqueue import devservers
 
 README = os.path.join(ROOT, "README.md")
 PAGES = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
