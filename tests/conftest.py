@@ -38,6 +38,7 @@ SLOW_FILES = {
     "test_claim_path.py",
     "test_relay.py",
     "test_relay_replies.py",
+    "test_postfix_relay.py",
     "test_relays_sending.py",
     "test_pgbouncer.py",
     "test_plans.py",
