@@ -127,7 +127,9 @@ class QueueSettings:
     max_defer_time: float = 3600.0  # seconds
     # attachment bytes a consumer process holds at once (claimed and in flight); a
     # claim takes fewer jobs when their files are big; one job larger goes alone
-    max_claimed_bytes: int = 256 * 1024 * 1024
+    # (64 MiB: a byte held costs about 5.5 in memory, raw, base64, the mail: under
+    # 1 GB for two processes; docs/performance.md)
+    max_claimed_bytes: int = 64 * 1024 * 1024
     relay_retry_after: float = 30.0  # seconds a failed relay is left alone by every consumer
 
 
